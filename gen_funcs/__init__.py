@@ -1,0 +1,1 @@
+"""The parent-model generator and the rules that combine workers' gradients."""

@@ -1,0 +1,142 @@
+"""The parent-model generator: a persistent libEnsemble generator on the manager.
+
+Each step it receives one row per simulator (a store key of that worker's flat gradient),
+reduces the gradients, takes the optimizer step on the parent model and sends the key of
+the new parameters, put once, to every simulator.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from libensemble.message_numbers import EVAL_GEN_TAG, FINISHED_PERSISTENT_GEN_TAG, PERSIS_STOP, STOP_TAG
+from libensemble.tools.persistent_support import PersistentSupport
+
+from gen_funcs.reduce import reduce_gradients
+from libe_cnn.config import TrainConfig
+from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters, to_numpy
+from libe_cnn.plan import plan_from_user
+from libe_cnn.progress import Progress
+from libe_cnn.rundir import MetricsLog, save_json, save_state_dict
+from libe_cnn.runtime import available_cores, gpu_count, select_device, set_threads
+from libe_cnn.store import TensorStore
+from mnist.data import load_split
+from mnist.model import build_model, evaluate
+
+
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "adadelta":
+        return torch.optim.Adadelta(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def _rows(gen_specs: dict, n: int, params_key: str, step: int) -> np.ndarray:
+    rows = np.zeros(n, dtype=gen_specs["out"])
+    rows["params_key"] = params_key
+    rows["step"] = step
+    return rows
+
+
+def parent_model_gen(H, persis_info, gen_specs, libE_info):
+    plan = plan_from_user(gen_specs["user"])
+    cfg: TrainConfig = plan.config
+    n = cfg.n_workers
+    run_dir = Path(cfg.run_dir)
+
+    # The manager computes only while every simulator waits for it, so it may use all cores.
+    set_threads(available_cores())
+    device = torch.device(select_device(cfg.device, 0, gpu_count()))
+    model = build_model(cfg.seed, cfg.dropout).to(device)
+    flat_params = flatten_parameters(model)
+    flat_grad = flatten_gradients(model)
+    host_grad = flat_grad.numpy() if device.type == "cpu" else np.empty(flat_grad.numel(), np.float32)
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr)
+    test_x, test_y = load_split(plan.files, train=False)
+
+    store = TensorStore(plan.redis, cfg.run_id)
+    ps = PersistentSupport(libE_info, EVAL_GEN_TAG)
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    progress = Progress(plan.total_steps)
+    start = time.perf_counter()
+    samples, step, epoch = 0, 0, 0
+    loss = float("nan")
+    last_eval: dict | None = None
+
+    def run_eval() -> dict:
+        t0 = time.perf_counter()
+        test_loss, test_acc = evaluate(model, test_x, test_y)
+        record = {"event": "eval", "step": step, "epoch": epoch, "test_loss": test_loss,
+                  "test_accuracy": test_acc, "eval_s": time.perf_counter() - t0,
+                  "wall_s": time.perf_counter() - start}
+        metrics.write(**record)
+        save_state_dict(run_dir / "model.pt", model)
+        progress.message(f"epoch {epoch + 1} step {step}: test loss {test_loss:.4f}, "
+                         f"test accuracy {test_acc:.2%}")
+        return record
+
+    params_key = store.put(to_numpy(flat_params))
+    ps.send(_rows(gen_specs, n, params_key, step))
+    try:
+        while step < plan.total_steps:
+            tag, _, calc_in = ps.recv()
+            if tag in (STOP_TAG, PERSIS_STOP):
+                break  # the manager ends the run early (an exit criterion or an error)
+            t_recv = time.perf_counter()
+            rows = np.sort(calc_in, order="shard")
+            if list(rows["shard"]) != list(range(n)):
+                raise RuntimeError(f"step {step}: expected one gradient per shard, got shards {list(rows['shard'])}")
+            grad_keys = [str(k) for k in rows["grad_key"]]
+            # Fetch all N buffers in one round trip, then drop them and the parameters
+            # every simulator has now loaded: the store holds at most one step of data.
+            grads = store.get_many(grad_keys)
+            store.evict(grad_keys + [params_key])
+            reduce_gradients(grads, host_grad, cfg.reduce)
+            if device.type != "cpu":
+                copy_into(flat_grad, host_grad)
+            optimizer.step()
+            del grads
+
+            step += 1
+            epoch = (step - 1) // plan.steps_per_epoch
+            samples += int(rows["n_samples"].sum())
+            loss = float(rows["loss"].mean())
+            wall = time.perf_counter() - start
+            metrics.write(step=step, epoch=epoch, loss=loss, samples=samples, wall_s=wall,
+                          update_s=time.perf_counter() - t_recv,
+                          compute_s=float(rows["compute_s"].mean()))
+            progress.update(step, epoch, loss, last_eval["test_accuracy"] if last_eval else None,
+                            samples / wall)
+            if step % plan.steps_per_epoch == 0 or step == plan.total_steps:
+                last_eval = run_eval()
+            if step < plan.total_steps:
+                params_key = store.put(to_numpy(flat_params))
+                ps.send(_rows(gen_specs, n, params_key, step))
+
+        if last_eval is None or last_eval["step"] != step:
+            last_eval = run_eval()
+        wall = time.perf_counter() - start
+        save_json(run_dir / "summary.json", {
+            "steps": step,
+            "epochs": epoch + 1 if step else 0,
+            "samples": samples,
+            "wall_s": wall,
+            "samples_per_s": samples / wall if wall > 0 else 0.0,
+            "train_loss": loss,
+            "test_loss": last_eval["test_loss"],
+            "test_accuracy": last_eval["test_accuracy"],
+            "n_workers": n,
+            "dataset": cfg.dataset,
+            "global_batch": n * cfg.batch_size,
+            "completed": step == plan.total_steps,
+        })
+    finally:
+        metrics.close()
+        store.close()
+    return None, persis_info, FINISHED_PERSISTENT_GEN_TAG

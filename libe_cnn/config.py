@@ -1,0 +1,159 @@
+"""One typed configuration for a run, filled from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from libe_cnn.errors import UserError
+
+DATASETS = ("mnist", "fashion-mnist")
+OPTIMIZERS = ("adam", "adadelta", "sgd")
+REDUCTIONS = ("sum", "mean")
+COMMS = ("local", "mpi")
+
+
+@dataclass
+class TrainConfig:
+    # --- ensemble ---
+    n_workers: int = 2  # simulators, each training on its own shard
+    comms: str = "local"  # libEnsemble comms: local processes or MPI ranks
+    # --- data ---
+    dataset: str = "mnist"
+    data_dir: str = "data"  # torchvision raw layout: <data_dir>/<Name>/raw/*-ubyte[.gz]
+    limit_train: int | None = None  # use only the first K training samples
+    # --- training ---
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many optimizer steps
+    batch_size: int = 64  # per worker and step; the global batch is n_workers * batch_size
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    reduce: str = "sum"  # how the generator combines the workers' gradients
+    seed: int = 1
+    dropout: bool = True  # off only for exact comparisons (parity tests)
+    device: str = "auto"  # auto: a GPU per simulator when present, else CPU
+    # --- redis ---
+    redis_host: str | None = None  # None: start a private server for this run
+    redis_port: int = 6379
+    redis_password: str | None = field(default=None, repr=False)
+    # --- output ---
+    run_dir: str | None = None  # default runs/<timestamp>
+    run_id: str = ""  # namespaces this run's store keys; generated when empty
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise UserError(message)
+
+        need(self.n_workers >= 1, f"-n must be at least 1 (got {self.n_workers})")
+        need(self.comms in COMMS, f"--comms must be one of {', '.join(COMMS)} (got {self.comms!r})")
+        need(self.dataset in DATASETS, f"--dataset must be one of {', '.join(DATASETS)} (got {self.dataset!r})")
+        need(self.limit_train is None or self.limit_train >= 1, "--limit-train must be at least 1")
+        need(self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})")
+        need(self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1")
+        need(self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})")
+        need(self.lr > 0, f"--lr must be positive (got {self.lr})")
+        need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})")
+        need(self.reduce in REDUCTIONS, f"--reduce must be one of {', '.join(REDUCTIONS)} (got {self.reduce!r})")
+        need(0 < self.redis_port < 65536, f"--redis-port must be 1-65535 (got {self.redis_port})")
+        need(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            f"--device must be auto, cpu, cuda or cuda:K (got {self.device!r})",
+        )
+        need(
+            self.comms != "mpi" or self.redis_host is not None,
+            "--comms mpi needs --redis-host: a Redis server that every rank can reach",
+        )
+        if not self.run_id:
+            self.run_id = f"lcnn-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        if self.run_dir is None:
+            self.run_dir = str(Path("runs") / self.run_id.removeprefix("lcnn-"))
+        # Absolute paths: the ensemble runs with the run directory as its working directory.
+        self.run_dir = str(Path(self.run_dir).resolve())
+        self.data_dir = str(Path(self.data_dir).resolve())
+
+    def public_dict(self) -> dict:
+        """The configuration as saved and printed: everything but the password."""
+        d = dataclasses.asdict(self)
+        d["redis_password"] = "***" if self.redis_password else None
+        return d
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.public_dict(), indent=2) + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_libe_cnn.py",
+        description="Data-parallel CNN training as a libEnsemble ensemble: "
+        "a parent-model generator and N streaming simulators.",
+    )
+    d = TrainConfig.__dataclass_fields__
+
+    g = p.add_argument_group("ensemble")
+    g.add_argument("-n", "--nworkers", dest="n_workers", type=int, default=d["n_workers"].default,
+                   help="number of simulators (data-parallel workers) (default: %(default)s)")
+    g.add_argument("--comms", choices=COMMS, default="local",
+                   help="libEnsemble comms; with mpi, launch with mpiexec -n N+1 (default: %(default)s)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=DATASETS, default="mnist", help="(default: %(default)s)")
+    g.add_argument("--data-dir", default="data", help="dataset root, torchvision layout (default: %(default)s)")
+    g.add_argument("--limit-train", type=int, default=None, metavar="K",
+                   help="train on the first K training samples only")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=1, help="(default: %(default)s)")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    g.add_argument("--batch-size", type=int, default=d["batch_size"].default,
+                   help="samples per worker per step (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=d["lr"].default, help="learning rate (default: %(default)s)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="(default: %(default)s)")
+    g.add_argument("--reduce", choices=REDUCTIONS, default="sum",
+                   help="combine workers' gradients by sum or mean (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=1, help="(default: %(default)s)")
+    g.add_argument("--no-dropout", dest="dropout", action="store_false",
+                   help="disable dropout (for exact comparisons)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K (default: %(default)s)")
+
+    g = p.add_argument_group("redis (default: a private server started for the run)")
+    g.add_argument("--redis-host", default=None, help="use this Redis server instead (also: REDIS_URL)")
+    g.add_argument("--redis-port", type=int, default=None, help="(default: 6379)")
+    g.add_argument("--redis-password", default=None,
+                   help="password of --redis-host (prefer REDIS_URL or REDISCLI_AUTH: arguments are visible)")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--run-dir", default=None, help="where to write the run (default: runs/<timestamp>)")
+    return p
+
+
+def parse_redis_url(url: str) -> tuple[str, int, str | None]:
+    """Host, port and password from redis://[:password@]host[:port][/db]."""
+    parsed = urlparse(url)
+    if parsed.scheme != "redis" or not parsed.hostname:
+        raise UserError(f"REDIS_URL must look like redis://:PASSWORD@HOST:PORT (got scheme {parsed.scheme!r})")
+    return parsed.hostname, parsed.port or 6379, parsed.password
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    """Parse the command line (and REDIS_URL) into a checked TrainConfig."""
+    args = build_parser().parse_args(argv)
+    values = vars(args)
+    url = os.environ.get("REDIS_URL")
+    if url and values["redis_host"] is None:
+        host, port, password = parse_redis_url(url)
+        values["redis_host"] = host
+        values["redis_port"] = values["redis_port"] or port
+        values["redis_password"] = values["redis_password"] or password
+    if values["redis_port"] is None:
+        values["redis_port"] = 6379
+    if values["redis_password"] is None and values["redis_host"] is not None:
+        values["redis_password"] = os.environ.get("REDISCLI_AUTH")
+    return TrainConfig(**values)

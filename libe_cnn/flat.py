@@ -1,0 +1,54 @@
+"""Model parameters and gradients as views into one contiguous buffer each.
+
+One buffer means one store transfer per direction per step instead of one per tensor,
+and no gather/scatter copies around it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def flatten_parameters(model: nn.Module) -> torch.Tensor:
+    """Move every parameter into one flat tensor and make the parameters views of it."""
+    params = list(model.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.data = flat[offset : offset + n].view_as(p)
+        offset += n
+    return flat
+
+
+def flatten_gradients(model: nn.Module) -> torch.Tensor:
+    """Give every parameter a .grad that is a view of one zeroed flat tensor.
+
+    Backward accumulates in place into an existing .grad, so after `flat.zero_()` and
+    `loss.backward()` the flat tensor holds the whole gradient with no copy.
+    """
+    params = list(model.parameters())
+    flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p)
+        offset += n
+    return flat
+
+
+def copy_into(flat: torch.Tensor, array: np.ndarray) -> None:
+    """Copy a (possibly read-only) numpy buffer into a flat tensor on any device."""
+    if array.shape != (flat.numel(),):
+        raise ValueError(f"buffer of shape {array.shape} does not fit a model of {flat.numel()} parameters")
+    if flat.device.type == "cpu":
+        flat.numpy()[:] = array
+    else:
+        flat.copy_(torch.from_numpy(np.array(array)), non_blocking=False)
+
+
+def to_numpy(flat: torch.Tensor) -> np.ndarray:
+    """A host copy (or, on CPU, a view) of a flat tensor for the store."""
+    return flat.detach().cpu().numpy()

@@ -1,0 +1,66 @@
+"""What every process of a run needs to know besides the config: data, sizes, schedule, store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from libe_cnn.config import TrainConfig
+from libe_cnn.errors import UserError
+from libe_cnn.store import RedisAddress
+from mnist.data import DatasetFiles, read_idx, steps_per_epoch
+
+# libEnsemble rows carry store keys and small numbers only, never tensors: the manager keeps
+# every row in its history, and a row holding a tensor would keep that tensor alive.
+KEY_DTYPE = "U96"
+GEN_OUT = [("params_key", KEY_DTYPE), ("step", int)]
+SIM_OUT = [
+    ("grad_key", KEY_DTYPE),
+    ("loss", float),
+    ("n_samples", int),
+    ("shard", int),
+    ("compute_s", float),  # forward + backward + put, seconds
+]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    config: TrainConfig
+    files: DatasetFiles
+    redis: RedisAddress
+    n_train: int  # training samples used (after --limit-train)
+    steps_per_epoch: int
+    total_steps: int
+
+
+def make_plan(cfg: TrainConfig, files: DatasetFiles, redis: RedisAddress) -> RunPlan:
+    n_available = len(read_idx(files.paths["train_labels"]))
+    n_train = min(n_available, cfg.limit_train) if cfg.limit_train else n_available
+    per_epoch = steps_per_epoch(n_train, cfg.n_workers, cfg.batch_size)
+    if per_epoch < 1:
+        raise UserError(
+            f"each of {cfg.n_workers} workers gets {n_train // cfg.n_workers} samples, fewer than "
+            f"--batch-size {cfg.batch_size}: lower -n or --batch-size, or raise --limit-train"
+        )
+    total = per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    return RunPlan(cfg, files, redis, n_train, per_epoch, total)
+
+
+def plan_from_user(user: dict) -> RunPlan:
+    """The plan as handed to a generator or simulator.
+
+    libEnsemble dumps its specs to plain dicts (dataclasses included) before they reach the
+    workers, so the plan is rebuilt here from whichever form arrives.
+    """
+    plan = user["plan"]
+    if isinstance(plan, RunPlan):
+        return plan
+    return RunPlan(
+        config=TrainConfig(**plan["config"]),
+        files=DatasetFiles(**plan["files"]),
+        redis=RedisAddress(**plan["redis"]),
+        n_train=plan["n_train"],
+        steps_per_epoch=plan["steps_per_epoch"],
+        total_steps=plan["total_steps"],
+    )

@@ -1,0 +1,130 @@
+"""A private redis-server for one run: loopback, free port, random password.
+
+The password reaches the server through its standard input (`redis-server -`), so it
+never shows in a process listing.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import redis
+
+from libe_cnn.errors import UserError
+from libe_cnn.store import RedisAddress
+
+INSTALL_HINT = (
+    "redis-server not found: install it (Debian/Ubuntu: sudo apt-get install redis-server; "
+    "macOS: brew install redis; pixi: pixi add redis) or pass --redis-host HOST"
+)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    # If the manager is killed outright, take the server down with it (Linux only).
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    # Own process group, so Ctrl-C reaches the manager, which then stops the server in order.
+    os.setpgrp()
+
+
+class PrivateRedis:
+    """Start a redis-server for this run; stop it on exit (also on error or Ctrl-C)."""
+
+    def __init__(self, bind: str = "127.0.0.1", startup_timeout: float = 10.0) -> None:
+        self.bind = bind
+        self.startup_timeout = startup_timeout
+        self.password = secrets.token_urlsafe(24)
+        self.process: subprocess.Popen | None = None
+        self.address: RedisAddress | None = None
+        self._workdir: tempfile.TemporaryDirectory | None = None
+
+    def start(self) -> RedisAddress:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise UserError(INSTALL_HINT)
+        for _ in range(5):  # the free port can be taken between probing and binding
+            port = free_port(self.bind)
+            self._workdir = tempfile.TemporaryDirectory(prefix="libe-cnn-redis-")
+            conf = "\n".join(
+                [
+                    f"bind {self.bind}",
+                    f"port {port}",
+                    f"requirepass {self.password}",
+                    "protected-mode yes",
+                    'save ""',
+                    "appendonly no",
+                    f"dir {self._workdir.name}",
+                    "loglevel warning",
+                    'logfile ""',
+                ]
+            )
+            self._log_path = os.path.join(self._workdir.name, "redis.log")
+            with open(self._log_path, "wb") as log:
+                self.process = subprocess.Popen(
+                    [binary, "-"],
+                    stdin=subprocess.PIPE,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=_die_with_parent,
+                )
+            self.process.stdin.write(conf.encode())
+            self.process.stdin.close()
+            address = RedisAddress(self.bind, port, self.password)
+            if self._wait_ready(address):
+                self.address = address
+                return address
+            self.stop()
+        raise UserError(f"could not start redis-server on {self.bind}: {self._last_error}")
+
+    def _wait_ready(self, address: RedisAddress) -> bool:
+        deadline = time.monotonic() + self.startup_timeout
+        self._last_error = "timed out"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                with open(self._log_path, errors="replace") as log:
+                    lines = [line.strip() for line in log if line.strip()]
+                self._last_error = lines[-1] if lines else f"exit code {self.process.returncode}"
+                return False
+            try:
+                with address.client(socket_connect_timeout=1) as client:
+                    if client.ping():
+                        return True
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        return False
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+
+    def __enter__(self) -> RedisAddress:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,51 @@
+"""The run directory: metrics as JSON lines, and files written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = True) -> None:
+    """Write through a temporary file in the same directory, then rename over `path`.
+
+    A reader (or a crash) never sees a half-written file.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_json(path: Path, data: dict) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2) + "\n"), binary=False)
+
+
+def save_state_dict(path: Path, module: torch.nn.Module) -> None:
+    state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+class MetricsLog:
+    """Appends one JSON object per line; flushed per line so a crash loses nothing written."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "a", buffering=1)
+
+    def write(self, **record: Any) -> None:
+        self._file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self._file.close()

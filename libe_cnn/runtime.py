@@ -1,0 +1,50 @@
+"""Per-process compute placement: the thread budget and the device of each process."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_worker(cores: int, n_workers: int) -> int:
+    """An even share of the cores for each simulator, at least one (no oversubscription)."""
+    return max(1, cores // n_workers)
+
+
+def set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # can only be set once, before any parallel work
+        pass
+
+
+def select_device(requested: str, local_rank: int, gpu_count: int) -> str:
+    """The device of one process: `auto` spreads simulators over the node's GPUs by local rank."""
+    if requested == "auto":
+        return f"cuda:{local_rank % gpu_count}" if gpu_count > 0 else "cpu"
+    return requested
+
+
+def gpu_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+# Variables in which MPI launchers and Slurm give a process its rank on its node.
+LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID")
+
+
+def local_rank(default: int) -> int:
+    """This process's rank on its node, from the launcher; `default` when not launched by one."""
+    for var in LOCAL_RANK_VARS:
+        if var in os.environ:
+            return int(os.environ[var])
+    return default

@@ -1,0 +1,1 @@
+"""The CNN, the datasets and standalone training (`python mnist/nn.py`)."""

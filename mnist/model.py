@@ -1,0 +1,52 @@
+"""The CNN, defined once for the standalone trainer, the generator and the simulators."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    """conv(1->32) -> conv(32->64) -> max-pool -> fc(9216->128) -> fc(128->10), log-softmax out."""
+
+    def __init__(self, dropout: bool = True) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout(0.25 if dropout else 0.0)
+        self.dropout2 = nn.Dropout(0.5 if dropout else 0.0)
+        self.fc1 = nn.Linear(9216, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.max_pool2d(x, 2)
+        x = torch.flatten(self.dropout1(x), 1)
+        x = self.dropout2(F.relu(self.fc1(x)))
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
+def build_model(seed: int, dropout: bool = True) -> Net:
+    """The model with its initial weights drawn from `seed` (same seed, same weights)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Net(dropout=dropout)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
+    """Mean negative log-likelihood and accuracy (a fraction) on a labelled set."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(labels), batch_size):
+        x = images[start : start + batch_size].to(device)
+        y = labels[start : start + batch_size].to(device)
+        out = model(x)
+        total_loss += F.nll_loss(out, y, reduction="sum").item()
+        correct += (out.argmax(dim=1) == y).sum().item()
+    model.train(was_training)
+    return total_loss / len(labels), correct / len(labels)

@@ -1,0 +1,135 @@
+"""Train one CNN with N data-parallel libEnsemble workers.
+
+    python run_libe_cnn.py -n 4 --dataset fashion-mnist
+    mpiexec -n 5 python run_libe_cnn.py --comms mpi --redis-host HOST ...
+
+The generator on the manager holds the parent model; N persistent simulators each train
+on one shard and stream gradients to it through ProxyStore on Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sys
+from contextlib import ExitStack, chdir
+from pathlib import Path
+
+from libe_cnn.config import TrainConfig, config_from_args
+from libe_cnn.errors import UserError
+
+
+def prepare_run_dir(path: Path) -> None:
+    if path.exists() and any(path.iterdir()):
+        raise UserError(f"run directory {path} already exists and is not empty: choose another --run-dir")
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def connect_redis(cfg: TrainConfig, stack: ExitStack):
+    """The run's Redis: the given server (left running) or a private one (stopped at exit)."""
+    import redis
+
+    from libe_cnn.redis_server import PrivateRedis
+    from libe_cnn.store import RedisAddress, delete_run_keys
+
+    if cfg.redis_host is None:
+        address = stack.enter_context(PrivateRedis())
+    else:
+        address = RedisAddress(cfg.redis_host, cfg.redis_port, cfg.redis_password)
+        try:
+            with address.client(socket_connect_timeout=5) as client:
+                client.ping()
+        except redis.AuthenticationError:
+            raise UserError(f"Redis at {cfg.redis_host}:{cfg.redis_port} refused the password "
+                            "(check --redis-password or REDIS_URL)") from None
+        except redis.ResponseError as e:
+            raise UserError(f"Redis at {cfg.redis_host}:{cfg.redis_port}: {e} "
+                            "(set --redis-password or REDIS_URL)") from None
+        except redis.ConnectionError:
+            raise UserError(f"cannot reach Redis at {cfg.redis_host}:{cfg.redis_port}: "
+                            "start it, or omit --redis-host to use a private server") from None
+    # Whatever happens, the run leaves none of its keys behind.
+    stack.callback(delete_run_keys, address, cfg.run_id)
+    return address
+
+
+def run_ensemble(plan) -> int:
+    """Run the generator on the manager and N persistent simulators; returns libEnsemble's flag."""
+    from libensemble import Ensemble
+    from libensemble.alloc_funcs.start_only_persistent import only_persistent_gens
+    from libensemble.specs import AllocSpecs, ExitCriteria, GenSpecs, LibeSpecs, SimSpecs
+
+    from gen_funcs.parent_model import parent_model_gen
+    from libe_cnn.plan import GEN_OUT, SIM_OUT
+    from sim_funcs.child_trainer import child_trainer_sim
+
+    cfg = plan.config
+    libE_specs = LibeSpecs(
+        comms=cfg.comms,
+        gen_on_manager=True,
+        save_H_on_completion=True,
+        **({"nworkers": cfg.n_workers} if cfg.comms == "local" else {}),
+    )
+    ensemble = Ensemble(
+        libE_specs=libE_specs,
+        gen_specs=GenSpecs(gen_f=parent_model_gen, persis_in=[name for name, _ in SIM_OUT],
+                           outputs=GEN_OUT, user={"plan": plan}),
+        sim_specs=SimSpecs(sim_f=child_trainer_sim, inputs=["params_key", "step"],
+                           persis_in=["params_key", "step"], outputs=SIM_OUT, user={"plan": plan}),
+        # alt_type: simulators are persistent too, so at the end they get PERSIS_STOP
+        # (and return) rather than a STOP that leaves an mpirun job waiting.
+        alloc_specs=AllocSpecs(alloc_f=only_persistent_gens, user={"alt_type": True}),
+        # The generator ends the run when it has taken its last step; this only bounds
+        # the history in case it never does.
+        exit_criteria=ExitCriteria(gen_max=cfg.n_workers * (plan.total_steps + 1)),
+    )
+    _, _, flag = ensemble.run()
+    return flag
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run one training job end to end; returns its summary."""
+    from libe_cnn.plan import make_plan
+    from mnist.data import locate
+
+    files = locate(cfg.dataset, cfg.data_dir)  # before any worker exists: one download at most
+    run_dir = Path(cfg.run_dir)
+    with ExitStack() as stack:
+        address = connect_redis(cfg, stack)
+        plan = make_plan(cfg, files, address)
+        prepare_run_dir(run_dir)
+        cfg.save(run_dir / "config.json")
+        print(json.dumps(cfg.public_dict()), file=sys.stderr)
+        print(f"{cfg.n_workers} workers x {cfg.batch_size} samples, {plan.steps_per_epoch} steps/epoch, "
+              f"{plan.total_steps} steps on {plan.n_train} {cfg.dataset} samples -> {run_dir}", file=sys.stderr)
+        # Workers are started fresh, not forked: a fork after torch has started its
+        # thread pool deadlocks at the first convolution.
+        multiprocessing.set_start_method("spawn", force=True)
+        # libEnsemble writes its log, stats and history to the working directory.
+        with chdir(run_dir):
+            flag = run_ensemble(plan)
+    summary_path = run_dir / "summary.json"
+    if flag != 0 or not summary_path.exists():
+        raise RuntimeError(f"the ensemble ended abnormally (flag {flag}); see {run_dir / 'ensemble.log'}")
+    return json.loads(summary_path.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = config_from_args(argv)
+        summary = train(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print(f"done: {summary['steps']} steps, {summary['samples']} samples in {summary['wall_s']:.1f} s "
+          f"({summary['samples_per_s']:.0f} samples/s); test accuracy {summary['test_accuracy']:.2%}, "
+          f"test loss {summary['test_loss']:.4f}; results in {cfg.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The child trainer: a persistent libEnsemble simulator that streams gradients."""

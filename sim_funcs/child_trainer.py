@@ -1,0 +1,72 @@
+"""The child trainer: a persistent libEnsemble simulator that owns one shard of the data.
+
+Each step it loads the parameters the generator published, runs forward and backward once
+on its next batch, puts the flat gradient into the store and sends the key back.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from libensemble.message_numbers import EVAL_SIM_TAG, FINISHED_PERSISTENT_SIM_TAG, PERSIS_STOP, STOP_TAG
+from libensemble.tools.persistent_support import PersistentSupport
+
+from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters, to_numpy
+from libe_cnn.plan import plan_from_user
+from libe_cnn.runtime import available_cores, gpu_count, local_rank, select_device, set_threads, threads_per_worker
+from libe_cnn.store import TensorStore
+from mnist.data import epoch_order, load_shard
+from mnist.model import Net
+
+
+def child_trainer_sim(H, persis_info, sim_specs, libE_info):
+    plan = plan_from_user(sim_specs["user"])
+    cfg = plan.config
+    shard = libE_info["workerID"] - 1  # the generator runs on the manager; workers are 1..N
+
+    set_threads(threads_per_worker(available_cores(), cfg.n_workers))
+    device = torch.device(select_device(cfg.device, local_rank(default=shard), gpu_count()))
+    torch.manual_seed(cfg.seed * 7919 + shard + 1)  # dropout masks differ per worker
+
+    images, labels = load_shard(plan.files, plan.n_train, cfg.n_workers, shard, cfg.seed)
+    images, labels = images.to(device), labels.to(device)
+    shard_size = len(labels)
+    order = lru_cache(maxsize=1)(lambda epoch: epoch_order(shard_size, cfg.seed, shard, epoch))
+
+    model = Net(dropout=cfg.dropout).to(device).train()
+    flat_params = flatten_parameters(model)
+    flat_grad = flatten_gradients(model)
+    store = TensorStore(plan.redis, cfg.run_id)
+    ps = PersistentSupport(libE_info, EVAL_SIM_TAG)
+
+    row = H[0]
+    try:
+        while True:
+            # Why wait here: synchronous data parallelism, every step starts from the
+            # parameters the generator just published.
+            copy_into(flat_params, store.get(str(row["params_key"])))
+            step = int(row["step"])
+            t0 = time.perf_counter()
+            epoch, b = divmod(step, plan.steps_per_epoch)
+            pos = torch.from_numpy(order(epoch)[b * cfg.batch_size : (b + 1) * cfg.batch_size]).to(device)
+            flat_grad.zero_()
+            loss = F.nll_loss(model(images[pos]), labels[pos])
+            loss.backward()
+
+            out = np.zeros(1, dtype=sim_specs["out"])
+            out["grad_key"] = store.put(to_numpy(flat_grad))
+            out["loss"] = loss.item()
+            out["n_samples"] = len(pos)
+            out["shard"] = shard
+            out["compute_s"] = time.perf_counter() - t0
+            tag, _, calc_in = ps.send_recv(out)
+            if tag in (STOP_TAG, PERSIS_STOP):
+                break
+            row = calc_in[0]
+    finally:
+        store.close()
+    return None, persis_info, FINISHED_PERSISTENT_SIM_TAG

@@ -1,0 +1,75 @@
+import torch
+
+from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters, to_numpy
+from mnist.model import Net, build_model, evaluate
+
+
+def test_output_shape_and_log_probabilities():
+    out = Net()(torch.zeros(5, 1, 28, 28))
+    assert out.shape == (5, 10)
+    torch.testing.assert_close(out.exp().sum(dim=1), torch.ones(5))
+
+
+def test_parameter_count():
+    assert sum(p.numel() for p in Net().parameters()) == 1_199_882
+
+
+def test_same_seed_same_weights_different_seed_different_weights():
+    a, b, c = build_model(1), build_model(1), build_model(2)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert not torch.equal(next(a.parameters()), next(c.parameters()))
+
+
+def test_build_model_leaves_global_rng_alone():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    build_model(1)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_no_dropout_is_deterministic_in_train_mode():
+    model = build_model(0, dropout=False).train()
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(model(x), model(x))
+
+
+def test_flat_parameters_are_views():
+    model = build_model(0)
+    before = [p.detach().clone() for p in model.parameters()]
+    flat = flatten_parameters(model)
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+    flat.zero_()
+    assert all(float(p.detach().abs().sum()) == 0 for p in model.parameters())
+    new = torch.arange(flat.numel(), dtype=torch.float32)
+    copy_into(flat, new.numpy())
+    assert float(model.fc2.bias[-1]) == flat.numel() - 1
+
+
+def test_backward_accumulates_into_flat_gradient():
+    model = build_model(0, dropout=False)
+    flatten_parameters(model)
+    flat_grad = flatten_gradients(model)
+    x, y = torch.randn(8, 1, 28, 28), torch.arange(8)
+    reference = build_model(0, dropout=False)
+    torch.nn.functional.nll_loss(reference(x), y).backward()
+    expected = torch.cat([p.grad.reshape(-1) for p in reference.parameters()])
+    for _ in range(2):  # the second pass checks zero_() resets the shared buffer
+        flat_grad.zero_()
+        torch.nn.functional.nll_loss(model(x), y).backward()
+        torch.testing.assert_close(flat_grad, expected)
+        start, end = flat_grad.data_ptr(), flat_grad.data_ptr() + 4 * flat_grad.numel()
+        assert all(start <= p.grad.data_ptr() < end for p in model.parameters())
+    assert to_numpy(flat_grad).shape == (1_199_882,)
+
+
+def test_evaluate_on_known_labels():
+    model = build_model(0)
+    x = torch.randn(30, 1, 28, 28)
+    with torch.no_grad():
+        y = model.eval()(x).argmax(1)
+    loss, acc = evaluate(model.train(), x, y, batch_size=7)
+    assert acc == 1.0 and loss > 0
+    assert model.training  # evaluate restores the mode

@@ -1,0 +1,25 @@
+import pytest
+
+from libe_cnn.runtime import local_rank, select_device, threads_per_worker
+
+
+@pytest.mark.parametrize("cores, n, expected", [(2, 1, 2), (2, 2, 1), (2, 4, 1), (64, 4, 16), (8, 3, 2)])
+def test_threads_per_worker(cores, n, expected):
+    assert threads_per_worker(cores, n) == expected
+
+
+@pytest.mark.parametrize(
+    "requested, rank, gpus, expected",
+    [("auto", 0, 0, "cpu"), ("auto", 3, 0, "cpu"), ("auto", 0, 1, "cuda:0"), ("auto", 3, 1, "cuda:0"),
+     ("auto", 3, 2, "cuda:1"), ("auto", 5, 4, "cuda:1"), ("cpu", 2, 4, "cpu"), ("cuda:1", 0, 4, "cuda:1")],
+)
+def test_select_device(requested, rank, gpus, expected):
+    assert select_device(requested, rank, gpus) == expected
+
+
+def test_local_rank_from_launcher(monkeypatch):
+    for var in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID"):
+        monkeypatch.delenv(var, raising=False)
+    assert local_rank(default=7) == 7
+    monkeypatch.setenv("SLURM_LOCALID", "3")
+    assert local_rank(default=7) == 3
