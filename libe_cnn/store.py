@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 from proxystore.store import Store
 
 from libe_cnn import codec
@@ -37,6 +39,9 @@ class RedisAddress:
             port=self.port,
             password=self.password,
             socket_read_size=SOCKET_READ_SIZE,
+            # A few quick retries ride out a blip; a dead server or a wrong password is
+            # reported in well under a second instead of after redis-py's default backoff.
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 3),
             **kwargs,
         )
 

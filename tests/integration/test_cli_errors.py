@@ -1,0 +1,51 @@
+"""Bad input ends in one line on stderr and exit code 2, with nothing written."""
+
+import pytest
+
+from tests.conftest import run_cli
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-n", "0"], "-n must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--lr", "0"], "--lr must be positive"),
+        (["--dataset", "fashion-mnist", "--limit-train", "10", "-n", "2"], "fewer than --batch-size"),
+        (["--dataset", "fashion-mnist", "--redis-host", "127.0.0.1", "--redis-port", "1"], "cannot reach Redis"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, args, message):
+    run_dir = tmp_path / "run"
+    result = run_cli("run_libe_cnn.py", *args, "--run-dir", str(run_dir), timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not run_dir.exists()
+
+
+def test_unknown_choice_is_an_argparse_error(tmp_path):
+    result = run_cli("run_libe_cnn.py", "--optimizer", "lbfgs", timeout=60)
+    assert result.returncode == 2
+    assert "invalid choice: 'lbfgs'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_dataset_names_what_to_do(tmp_path):
+    # MNIST is not shipped; where it cannot be downloaded the error says how to provide it.
+    result = run_cli("run_libe_cnn.py", "--dataset", "mnist", "--data-dir", str(tmp_path / "nodata"),
+                     "--run-dir", str(tmp_path / "run"), timeout=120,
+                     env={"PATH": "/usr/bin:/bin", "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "mnist not found in" in lines[0] and "IDX files" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "model.pt").write_bytes(b"precious")
+    result = run_cli("run_libe_cnn.py", "--dataset", "fashion-mnist", "--run-dir", str(run_dir), timeout=60)
+    assert result.returncode == 2 and "already exists" in result.stderr
+    assert (run_dir / "model.pt").read_bytes() == b"precious"

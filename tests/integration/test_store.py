@@ -1,0 +1,84 @@
+"""The tensor store against a real redis-server."""
+
+import socket
+
+import numpy as np
+import pytest
+import redis
+
+from libe_cnn import codec
+from libe_cnn.redis_server import PrivateRedis
+from libe_cnn.store import RedisAddress, RunKey, RunRedisConnector, TensorStore, delete_run_keys, run_keys
+
+
+def test_put_get_many_evict(redis_address):
+    store = TensorStore(redis_address, "run-a")
+    arrays = [np.arange(1000, dtype=np.float32) * i for i in range(3)]
+    keys = [store.put(a) for a in arrays]
+    assert all(k.startswith("run-a:") for k in keys)
+    np.testing.assert_array_equal(store.get(keys[1]), arrays[1])
+    for got, want in zip(store.get_many(keys), arrays):
+        np.testing.assert_array_equal(got, want)
+    store.evict(keys)
+    assert run_keys(redis_address, "run-a") == []
+    with pytest.raises(KeyError, match="missing"):
+        store.get(keys[0])
+    store.close()
+
+
+def test_a_run_deletes_only_its_own_keys(redis_address):
+    a, b = TensorStore(redis_address, "run-b"), TensorStore(redis_address, "run-c")
+    a.put(np.ones(3, np.float32))
+    kb = b.put(np.ones(3, np.float32))
+    with redis_address.client() as client:
+        client.set("someone-else", b"x")
+    assert delete_run_keys(redis_address, "run-b") == 1
+    assert run_keys(redis_address, "run-b") == []
+    assert run_keys(redis_address, "run-c") == [kb]
+    with redis_address.client() as client:
+        assert client.get("someone-else") == b"x"
+        client.delete("someone-else")
+    delete_run_keys(redis_address, "run-c")
+
+
+def test_connector_refuses_other_runs_keys(redis_address):
+    connector = RunRedisConnector(redis_address.host, redis_address.port, redis_address.password, "run-d")
+    with pytest.raises(KeyError, match="does not belong"):
+        connector.get(RunKey("run-e:123"))
+    connector.close()
+
+
+def test_pickle_payload_under_a_run_key_is_refused(redis_address, tmp_path):
+    marker = tmp_path / "executed"
+
+    class Exploit:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    import pickle
+
+    with redis_address.client() as client:
+        client.set("run-f:evil", pickle.dumps(Exploit()))
+    store = TensorStore(redis_address, "run-f")
+    with pytest.raises(codec.CodecError):
+        store.get("run-f:evil")
+    assert not marker.exists()
+    delete_run_keys(redis_address, "run-f")
+
+
+def test_private_server_requires_its_password_and_stops():
+    server = PrivateRedis()
+    address = server.start()
+    assert address.host == "127.0.0.1" and len(address.password) >= 24
+    with pytest.raises(redis.AuthenticationError):
+        RedisAddress(address.host, address.port, "wrong").client().ping()
+    with pytest.raises((redis.AuthenticationError, redis.ResponseError)):  # no password: NOAUTH
+        RedisAddress(address.host, address.port, None).client().set("k", "v")
+    process = server.process
+    assert address.client().ping()
+    server.stop()
+    assert process.poll() is not None
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((address.host, address.port), timeout=1)

@@ -1,0 +1,117 @@
+"""The whole trainer through real processes: libEnsemble workers, redis-server, real data."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import psutil
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gen_funcs.parent_model import make_optimizer
+from libe_cnn.store import run_keys
+from mnist.data import epoch_order, load_shard
+from mnist.model import build_model
+from tests.conftest import run_cli
+
+
+def redis_servers() -> set[int]:
+    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "redis-server"}
+
+
+def redis_env(address) -> dict:
+    return {**os.environ, "REDIS_URL": f"redis://:{address.password}@{address.host}:{address.port}/0"}
+
+
+def test_end_to_end_with_private_redis(tmp_path, fashion_files):
+    before = redis_servers()
+    run_dir = tmp_path / "run"
+    result = run_cli("run_libe_cnn.py", "-n", "2", "--dataset", "fashion-mnist", "--limit-train", "8192",
+                     "--max-steps", "40", "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test accuracy" in result.stdout
+
+    expected = {"config.json", "metrics.jsonl", "model.pt", "summary.json", "ensemble.log", "libE_stats.txt"}
+    names = {p.name for p in run_dir.iterdir()}
+    assert expected <= names, names
+    assert any(n.startswith("libE_history") and n.endswith(".npy") for n in names)
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["samples"] == 40 * 2 * 64
+    assert summary["n_workers"] == 2 and summary["dataset"] == "fashion-mnist"
+    assert summary["test_accuracy"] > 0.5  # chance is 0.1
+    for field in ("wall_s", "samples_per_s", "test_loss"):
+        assert summary[field] > 0
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "event" not in r]
+    evals = [r for r in records if r.get("event") == "eval"]
+    assert [r["step"] for r in steps] == list(range(1, 41))
+    assert all({"step", "epoch", "loss", "samples", "wall_s"} <= r.keys() for r in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert evals and 0 <= evals[-1]["test_accuracy"] <= 1 and evals[-1]["step"] == 40
+
+    state = torch.load(run_dir / "model.pt", weights_only=True)
+    model = build_model(0)
+    model.load_state_dict(state)  # a complete state_dict of the one model definition
+
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["n_workers"] == 2 and config["redis_password"] is None
+    # The private server is gone with the run.
+    assert redis_servers() <= before
+
+
+def test_external_redis_is_left_running_and_clean(tmp_path, redis_address, fashion_files):
+    run_dir = tmp_path / "run"
+    result = run_cli("run_libe_cnn.py", "-n", "2", "--dataset", "fashion-mnist", "--limit-train", "2048",
+                     "--max-steps", "5", "--run-dir", str(run_dir), env=redis_env(redis_address))
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["redis_host"] == redis_address.host
+    assert redis_address.password not in (run_dir / "config.json").read_text()
+    assert redis_address.password not in (run_dir / "ensemble.log").read_text()
+    assert run_keys(redis_address, config["run_id"]) == []
+    with redis_address.client() as client:
+        assert client.ping()
+
+
+def single_process_steps(files, seed: int, n_train: int, n_workers: int, batch: int, steps: int, lr: float):
+    """The reference: one process, the same initial weights, each step on the union batch."""
+    model = build_model(seed, dropout=False).train()
+    optimizer = make_optimizer("sgd", model.parameters(), lr)
+    shards = [load_shard(files, n_train, n_workers, s, seed) for s in range(n_workers)]
+    for step in range(steps):
+        xs, ys = [], []
+        for shard, (x, y) in enumerate(shards):
+            pos = torch.from_numpy(epoch_order(len(y), seed, shard, 0)[step * batch : (step + 1) * batch])
+            xs.append(x[pos])
+            ys.append(y[pos])
+        optimizer.zero_grad()
+        F.nll_loss(model(torch.cat(xs)), torch.cat(ys)).backward()
+        optimizer.step()
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_parity_with_single_process_on_the_union_batch(tmp_path, fashion_files, steps):
+    seed, n_train, batch, lr = 3, 1024, 16, 0.05
+    run_dir = tmp_path / "run"
+    result = run_cli("run_libe_cnn.py", "-n", "2", "--dataset", "fashion-mnist", "--limit-train", str(n_train),
+                     "--batch-size", str(batch), "--max-steps", str(steps), "--reduce", "mean", "--no-dropout",
+                     "--optimizer", "sgd", "--lr", str(lr), "--seed", str(seed), "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ensemble = torch.load(run_dir / "model.pt", weights_only=True)
+    reference = single_process_steps(fashion_files, seed, n_train, 2, batch, steps, lr)
+    initial = build_model(seed, dropout=False).state_dict()
+    for name, value in reference.items():
+        assert not torch.equal(value, initial[name]), f"{name} did not train"
+        np.testing.assert_allclose(ensemble[name].numpy(), value.numpy(), atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_standalone_dry_run():
+    result = run_cli("mnist/nn.py", "--dry-run", "--dataset", "fashion-mnist")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("done: 1 steps")
