@@ -9,6 +9,7 @@ on one shard and stream gradients to it through ProxyStore on Redis.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -88,31 +89,75 @@ def run_ensemble(plan) -> int:
     return flag
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run one training job end to end; returns its summary."""
+def prepare(cfg: TrainConfig, stack: ExitStack):
+    """On the manager only: find the data, connect Redis, plan the run, create its directory."""
     from libe_cnn.plan import make_plan
     from mnist.data import locate
 
     files = locate(cfg.dataset, cfg.data_dir)  # before any worker exists: one download at most
+    address = connect_redis(cfg, stack)
+    plan = make_plan(cfg, files, address)
     run_dir = Path(cfg.run_dir)
+    prepare_run_dir(run_dir)
+    cfg.save(run_dir / "config.json")
+    print(json.dumps(cfg.public_dict()), file=sys.stderr)
+    print(f"{cfg.n_workers} workers x {cfg.batch_size} samples, {plan.steps_per_epoch} steps/epoch, "
+          f"{plan.total_steps} steps on {plan.n_train} {cfg.dataset} samples -> {run_dir}", file=sys.stderr)
+    return plan
+
+
+def mpi_world():
+    """COMM_WORLD when launched with --comms mpi, else None."""
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
+
+
+def train(cfg: TrainConfig) -> dict | None:
+    """Run one training job end to end; returns its summary on the manager, None elsewhere."""
+    comm = mpi_world() if cfg.comms == "mpi" else None
+    if comm is not None:
+        if comm.Get_size() < 2:
+            raise UserError("--comms mpi needs at least 2 ranks: mpiexec -n N+1 for N workers")
+        # One rank per simulator plus the manager: the launch decides N.
+        cfg = dataclasses.replace(cfg, n_workers=comm.Get_size() - 1)
+    is_manager = comm is None or comm.Get_rank() == 0
     with ExitStack() as stack:
-        address = connect_redis(cfg, stack)
-        plan = make_plan(cfg, files, address)
-        prepare_run_dir(run_dir)
-        cfg.save(run_dir / "config.json")
-        print(json.dumps(cfg.public_dict()), file=sys.stderr)
-        print(f"{cfg.n_workers} workers x {cfg.batch_size} samples, {plan.steps_per_epoch} steps/epoch, "
-              f"{plan.total_steps} steps on {plan.n_train} {cfg.dataset} samples -> {run_dir}", file=sys.stderr)
-        # Workers are started fresh, not forked: a fork after torch has started its
-        # thread pool deadlocks at the first convolution.
-        multiprocessing.set_start_method("spawn", force=True)
+        plan, error = None, None
+        if is_manager:
+            try:
+                plan = prepare(cfg, stack)
+            except UserError as e:
+                error = e
+        if comm is not None:
+            # Every rank runs from the manager's plan (its run id, data files and store).
+            plan, error = comm.bcast((plan, error), root=0)
+        if error is not None:
+            raise error
+        if comm is None:
+            # Workers are started fresh, not forked: a fork after torch has started its
+            # thread pool deadlocks at the first convolution.
+            multiprocessing.set_start_method("spawn", force=True)
+        if not is_manager:
+            run_ensemble(plan)
+            return None
         # libEnsemble writes its log, stats and history to the working directory.
-        with chdir(run_dir):
+        with chdir(plan.config.run_dir):
             flag = run_ensemble(plan)
+    run_dir = Path(plan.config.run_dir)
     summary_path = run_dir / "summary.json"
     if flag != 0 or not summary_path.exists():
         raise RuntimeError(f"the ensemble ended abnormally (flag {flag}); see {run_dir / 'ensemble.log'}")
     return json.loads(summary_path.read_text())
+
+
+# Variables in which MPI launchers give each process its rank.
+RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+
+
+def _is_worker_rank() -> bool:
+    """True on MPI ranks other than 0, so that only the manager prints errors."""
+    return any(os.environ.get(var, "0") != "0" for var in RANK_VARS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,11 +165,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(argv)
         summary = train(cfg)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not _is_worker_rank():
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    if summary is None:  # an MPI worker rank: the manager reports
+        return 0
     print(f"done: {summary['steps']} steps, {summary['samples']} samples in {summary['wall_s']:.1f} s "
           f"({summary['samples_per_s']:.0f} samples/s); test accuracy {summary['test_accuracy']:.2%}, "
           f"test loss {summary['test_loss']:.4f}; results in {cfg.run_dir}")
