@@ -95,8 +95,8 @@ def prepare(cfg: TrainConfig, stack: ExitStack):
     from mnist.data import locate
 
     files = locate(cfg.dataset, cfg.data_dir)  # before any worker exists: one download at most
-    address = connect_redis(cfg, stack)
-    plan = make_plan(cfg, files, address)
+    plan = make_plan(cfg, files)
+    plan = dataclasses.replace(plan, redis=connect_redis(cfg, stack))
     run_dir = Path(cfg.run_dir)
     prepare_run_dir(run_dir)
     cfg.save(run_dir / "config.json")
@@ -160,6 +160,12 @@ def _is_worker_rank() -> bool:
     return any(os.environ.get(var, "0") != "0" for var in RANK_VARS)
 
 
+def describe(error: Exception) -> str:
+    """One line for an unexpected failure; libEnsemble has logged its traceback already."""
+    parts = [str(a) for a in error.args if a] or [type(error).__name__]
+    return ": ".join(" ".join(p.split()) for p in parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(argv)
@@ -171,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a failure inside the ensemble: one line here, details in the log
+        if not _is_worker_rank():
+            log = Path(cfg.run_dir) / "ensemble.log"
+            print(f"error: {describe(e)}" + (f" ({log})" if log.exists() else ""), file=sys.stderr)
+        return 1
     if summary is None:  # an MPI worker rank: the manager reports
         return 0
     print(f"done: {summary['steps']} steps, {summary['samples']} samples in {summary['wall_s']:.1f} s "

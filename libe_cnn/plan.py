@@ -26,14 +26,28 @@ SIM_OUT = [
 class RunPlan:
     config: TrainConfig
     files: DatasetFiles
-    redis: RedisAddress
+    redis: RedisAddress | None
     n_train: int  # training samples used (after --limit-train)
     steps_per_epoch: int
     total_steps: int
 
 
-def make_plan(cfg: TrainConfig, files: DatasetFiles, redis: RedisAddress) -> RunPlan:
-    n_available = len(read_idx(files.paths["train_labels"]))
+def check_dataset(files: DatasetFiles) -> int:
+    """Read every file once, so a corrupt or truncated one fails here and not in a worker.
+
+    Returns the number of training samples.
+    """
+    sizes = {key: len(read_idx(path)) for key, path in files.paths.items()}
+    for split in ("train", "test"):
+        if sizes[f"{split}_images"] != sizes[f"{split}_labels"]:
+            raise UserError(f"{files.name}: {sizes[f'{split}_images']} {split} images but "
+                            f"{sizes[f'{split}_labels']} labels ({files.paths[f'{split}_labels']})")
+    return sizes["train_labels"]
+
+
+def make_plan(cfg: TrainConfig, files: DatasetFiles, redis: RedisAddress | None = None) -> RunPlan:
+    """Check the data and fix the schedule; the store's address may be filled in later."""
+    n_available = check_dataset(files)
     n_train = min(n_available, cfg.limit_train) if cfg.limit_train else n_available
     per_epoch = steps_per_epoch(n_train, cfg.n_workers, cfg.batch_size)
     if per_epoch < 1:

@@ -6,6 +6,7 @@ on its next batch, puts the flat gradient into the store and sends the key back.
 
 from __future__ import annotations
 
+import signal
 import time
 from functools import lru_cache
 
@@ -27,6 +28,9 @@ def child_trainer_sim(H, persis_info, sim_specs, libE_info):
     plan = plan_from_user(sim_specs["user"])
     cfg = plan.config
     shard = libE_info["workerID"] - 1  # the generator runs on the manager; workers are 1..N
+    # Ctrl-C in a terminal reaches every process of the job; the manager alone handles it
+    # and stops the simulators in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     set_threads(threads_per_worker(available_cores(), cfg.n_workers))
     device = torch.device(select_device(cfg.device, local_rank(default=shard), gpu_count()))

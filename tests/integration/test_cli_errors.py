@@ -49,3 +49,17 @@ def test_existing_run_dir_is_not_overwritten(tmp_path):
     result = run_cli("run_libe_cnn.py", "--dataset", "fashion-mnist", "--run-dir", str(run_dir), timeout=60)
     assert result.returncode == 2 and "already exists" in result.stderr
     assert (run_dir / "model.pt").read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("damage, message", [("truncate", "truncated or corrupt"), ("magic", "bad magic")])
+def test_corrupt_data_file_is_caught_before_anything_starts(tiny_dataset, tmp_path, damage, message):
+    images = tiny_dataset / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte"
+    data = images.read_bytes()
+    images.write_bytes(data[:-100] if damage == "truncate" else b"\x07\x07" + data[2:])
+    run_dir = tmp_path / "run"
+    result = run_cli("run_libe_cnn.py", "--dataset", "fashion-mnist", "--data-dir", str(tiny_dataset),
+                     "--batch-size", "10", "--run-dir", str(run_dir), timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "t10k-images" in lines[0], result.stderr
+    assert not run_dir.exists()

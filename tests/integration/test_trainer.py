@@ -115,3 +115,36 @@ def test_standalone_dry_run():
     result = run_cli("mnist/nn.py", "--dry-run", "--dataset", "fashion-mnist")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("done: 1 steps")
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_the_model(tmp_path, fashion_files):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    before = redis_servers()
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "run_libe_cnn.py", "-n", "2", "--dataset", "fashion-mnist", "--max-steps", "2000",
+         "--run-dir", str(run_dir)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 5):
+        time.sleep(0.2)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert len(children) >= 2
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and stderr.strip().endswith("interrupted")
+    assert (run_dir / "model.pt").exists()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert not summary["completed"] and summary["steps"] >= 5
+    psutil.wait_procs(children, timeout=10)
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert redis_servers() <= before
