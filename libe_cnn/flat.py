@@ -11,15 +11,20 @@ import torch
 from torch import nn
 
 
+def _point_into(flat: torch.Tensor, params: list[nn.Parameter], attribute: str) -> None:
+    """Set `attribute` ("data" or "grad") of each parameter to its slice of `flat`."""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        setattr(p, attribute, flat[offset : offset + n].view_as(p))
+        offset += n
+
+
 def flatten_parameters(model: nn.Module) -> torch.Tensor:
     """Move every parameter into one flat tensor and make the parameters views of it."""
     params = list(model.parameters())
     flat = torch.cat([p.detach().reshape(-1) for p in params])
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.data = flat[offset : offset + n].view_as(p)
-        offset += n
+    _point_into(flat, params, "data")
     return flat
 
 
@@ -27,15 +32,12 @@ def flatten_gradients(model: nn.Module) -> torch.Tensor:
     """Give every parameter a .grad that is a view of one zeroed flat tensor.
 
     Backward accumulates in place into an existing .grad, so after `flat.zero_()` and
-    `loss.backward()` the flat tensor holds the whole gradient with no copy.
+    `loss.backward()` the flat tensor holds the whole gradient with no copy. (Never call
+    `optimizer.zero_grad()` on such a model: it would replace the views with None.)
     """
     params = list(model.parameters())
     flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p)
-        offset += n
+    _point_into(flat, params, "grad")
     return flat
 
 
@@ -46,7 +48,7 @@ def copy_into(flat: torch.Tensor, array: np.ndarray) -> None:
     if flat.device.type == "cpu":
         flat.numpy()[:] = array
     else:
-        flat.copy_(torch.from_numpy(np.array(array)), non_blocking=False)
+        flat.copy_(torch.from_numpy(np.array(array)))
 
 
 def to_numpy(flat: torch.Tensor) -> np.ndarray:
