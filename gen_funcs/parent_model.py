@@ -85,10 +85,11 @@ def parent_model_gen(H, persis_info, gen_specs, libE_info):
     ps.send(_rows(gen_specs, n, params_key, step))
     try:
         while step < plan.total_steps:
+            t0 = time.perf_counter()
             tag, _, calc_in = ps.recv()
             if tag in (STOP_TAG, PERSIS_STOP):
                 break  # the manager ends the run early (an exit criterion or an error)
-            t_recv = time.perf_counter()
+            t1 = time.perf_counter()
             rows = np.sort(calc_in, order="shard")
             if list(rows["shard"]) != list(range(n)):
                 raise RuntimeError(f"step {step}: expected one gradient per shard, got shards {list(rows['shard'])}")
@@ -97,27 +98,31 @@ def parent_model_gen(H, persis_info, gen_specs, libE_info):
             # every simulator has now loaded: the store holds at most one step of data.
             grads = store.get_many(grad_keys)
             store.evict(grad_keys + [params_key])
+            t2 = time.perf_counter()
             reduce_gradients(grads, host_grad, cfg.reduce)
             if device.type != "cpu":
                 copy_into(flat_grad, host_grad)
             optimizer.step()
             del grads
-
+            t3 = time.perf_counter()
             step += 1
+            if step < plan.total_steps:
+                params_key = store.put(to_numpy(flat_params))
+                ps.send(_rows(gen_specs, n, params_key, step))
+            t4 = time.perf_counter()
+
             epoch = (step - 1) // plan.steps_per_epoch
             samples += int(rows["n_samples"].sum())
             loss = float(rows["loss"].mean())
-            wall = time.perf_counter() - start
+            wall = t4 - start
             metrics.write(step=step, epoch=epoch, loss=loss, samples=samples, wall_s=wall,
-                          update_s=time.perf_counter() - t_recv,
-                          compute_s=float(rows["compute_s"].mean()))
+                          gen_wait_s=t1 - t0, fetch_s=t2 - t1, update_s=t3 - t2, publish_s=t4 - t3,
+                          **{f"sim_{name}": float(rows[name].mean())
+                             for name in ("load_s", "compute_s", "put_s", "wait_s")})
             progress.update(step, epoch, loss, last_eval["test_accuracy"] if last_eval else None,
                             samples / wall)
             if step % plan.steps_per_epoch == 0 or step == plan.total_steps:
                 last_eval = run_eval()
-            if step < plan.total_steps:
-                params_key = store.put(to_numpy(flat_params))
-                ps.send(_rows(gen_specs, n, params_key, step))
 
         if last_eval is None or last_eval["step"] != step:
             last_eval = run_eval()

@@ -18,7 +18,11 @@ SIM_OUT = [
     ("loss", float),
     ("n_samples", int),
     ("shard", int),
-    ("compute_s", float),  # forward + backward + put, seconds
+    # Where a simulator's step time goes, in seconds:
+    ("load_s", float),  # fetch the parameters and copy them into the model
+    ("compute_s", float),  # forward + backward
+    ("put_s", float),  # put the gradient
+    ("wait_s", float),  # blocked until the previous step's parameters arrived
 ]
 
 

@@ -48,26 +48,32 @@ def child_trainer_sim(H, persis_info, sim_specs, libE_info):
     ps = PersistentSupport(libE_info, EVAL_SIM_TAG)
 
     row = H[0]
+    wait_s = 0.0  # time blocked waiting for the previous step's parameters
     try:
         while True:
             # Why wait here: synchronous data parallelism, every step starts from the
             # parameters the generator just published.
+            t0 = time.perf_counter()
             copy_into(flat_params, store.get(str(row["params_key"])))
             step = int(row["step"])
-            t0 = time.perf_counter()
+            t1 = time.perf_counter()
             epoch, b = divmod(step, plan.steps_per_epoch)
             pos = torch.from_numpy(order(epoch)[b * cfg.batch_size : (b + 1) * cfg.batch_size]).to(device)
             flat_grad.zero_()
             loss = F.nll_loss(model(images[pos]), labels[pos])
             loss.backward()
+            t2 = time.perf_counter()
+            grad_key = store.put(to_numpy(flat_grad))
+            t3 = time.perf_counter()
 
             out = np.zeros(1, dtype=sim_specs["out"])
-            out["grad_key"] = store.put(to_numpy(flat_grad))
+            out["grad_key"] = grad_key
             out["loss"] = loss.item()
             out["n_samples"] = len(pos)
             out["shard"] = shard
-            out["compute_s"] = time.perf_counter() - t0
+            out["load_s"], out["compute_s"], out["put_s"], out["wait_s"] = t1 - t0, t2 - t1, t3 - t2, wait_s
             tag, _, calc_in = ps.send_recv(out)
+            wait_s = time.perf_counter() - t3
             if tag in (STOP_TAG, PERSIS_STOP):
                 break
             row = calc_in[0]
