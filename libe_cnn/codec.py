@@ -27,6 +27,7 @@ DTYPE_CODES: dict[int, np.dtype] = {
     3: np.dtype("<f8"),
     4: np.dtype("<i8"),
     5: np.dtype("u1"),
+    6: np.dtype("<i2"),  # also carries bfloat16 bit patterns (see libe_cnn.wire)
 }
 _CODE_OF = {dtype: code for code, dtype in DTYPE_CODES.items()}
 

@@ -18,6 +18,7 @@ DATASETS = ("mnist", "fashion-mnist")
 OPTIMIZERS = ("adam", "adadelta", "sgd")
 REDUCTIONS = ("sum", "mean")
 COMMS = ("local", "mpi")
+WIRE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -36,6 +37,8 @@ class TrainConfig:
     lr: float = 1e-3
     optimizer: str = "adam"
     reduce: str = "sum"  # how the generator combines the workers' gradients
+    wire_dtype: str = "float32"  # element type of gradients and parameters in the store
+    eval_every: int | None = None  # also evaluate every this many steps (always at epoch ends)
     seed: int = 1
     dropout: bool = True  # off only for exact comparisons (parity tests)
     device: str = "auto"  # auto: a GPU per simulator when present, else CPU
@@ -61,6 +64,9 @@ class TrainConfig:
         need(self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})")
         need(self.lr > 0, f"--lr must be positive (got {self.lr})")
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})")
+        need(self.wire_dtype in WIRE_DTYPES,
+             f"--wire-dtype must be one of {', '.join(WIRE_DTYPES)} (got {self.wire_dtype!r})")
+        need(self.eval_every is None or self.eval_every >= 1, "--eval-every must be at least 1")
         need(self.reduce in REDUCTIONS, f"--reduce must be one of {', '.join(REDUCTIONS)} (got {self.reduce!r})")
         need(0 < self.redis_port < 65536, f"--redis-port must be 1-65535 (got {self.redis_port})")
         need(
@@ -118,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="(default: %(default)s)")
     g.add_argument("--reduce", choices=REDUCTIONS, default="sum",
                    help="combine workers' gradients by sum or mean (default: %(default)s)")
+    g.add_argument("--wire-dtype", choices=WIRE_DTYPES, default="float32",
+                   help="type of gradients and parameters on the wire; 16-bit halves the bytes (default: %(default)s)")
+    g.add_argument("--eval-every", type=int, default=None, metavar="K",
+                   help="also evaluate the parent model every K steps (always at each epoch end)")
     g.add_argument("--seed", type=int, default=1, help="(default: %(default)s)")
     g.add_argument("--no-dropout", dest="dropout", action="store_false",
                    help="disable dropout (for exact comparisons)")

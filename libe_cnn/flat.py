@@ -50,7 +50,3 @@ def copy_into(flat: torch.Tensor, array: np.ndarray) -> None:
     else:
         flat.copy_(torch.from_numpy(np.array(array)))
 
-
-def to_numpy(flat: torch.Tensor) -> np.ndarray:
-    """A host copy (or, on CPU, a view) of a flat tensor for the store."""
-    return flat.detach().cpu().numpy()

@@ -23,6 +23,7 @@ SIM_OUT = [
     ("compute_s", float),  # forward + backward
     ("put_s", float),  # put the gradient
     ("wait_s", float),  # blocked until the previous step's parameters arrived
+    ("rss_mb", float),  # the simulator's resident memory
 ]
 
 

@@ -172,3 +172,10 @@ def delete_run_keys(address: RedisAddress, run_id: str) -> int:
         with address.client() as client:
             client.delete(*keys)
     return len(keys)
+
+
+def server_traffic_bytes(address: RedisAddress) -> int:
+    """Bytes the server has received plus sent since it started (all clients)."""
+    with address.client() as client:
+        stats = client.info("stats")
+    return int(stats["total_net_input_bytes"]) + int(stats["total_net_output_bytes"])

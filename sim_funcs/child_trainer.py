@@ -11,15 +11,17 @@ import time
 from functools import lru_cache
 
 import numpy as np
+import psutil
 import torch
 import torch.nn.functional as F
 from libensemble.message_numbers import EVAL_SIM_TAG, FINISHED_PERSISTENT_SIM_TAG, PERSIS_STOP, STOP_TAG
 from libensemble.tools.persistent_support import PersistentSupport
 
-from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters, to_numpy
+from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters
 from libe_cnn.plan import plan_from_user
 from libe_cnn.runtime import available_cores, gpu_count, local_rank, select_device, set_threads, threads_per_worker
 from libe_cnn.store import TensorStore
+from libe_cnn.wire import from_wire, to_wire
 from mnist.data import epoch_order, load_shard
 from mnist.model import Net
 
@@ -46,6 +48,7 @@ def child_trainer_sim(H, persis_info, sim_specs, libE_info):
     flat_grad = flatten_gradients(model)
     store = TensorStore(plan.redis, cfg.run_id)
     ps = PersistentSupport(libE_info, EVAL_SIM_TAG)
+    process = psutil.Process()
 
     row = H[0]
     wait_s = 0.0  # time blocked waiting for the previous step's parameters
@@ -54,7 +57,7 @@ def child_trainer_sim(H, persis_info, sim_specs, libE_info):
             # Why wait here: synchronous data parallelism, every step starts from the
             # parameters the generator just published.
             t0 = time.perf_counter()
-            copy_into(flat_params, store.get(str(row["params_key"])))
+            copy_into(flat_params, from_wire(store.get(str(row["params_key"])), cfg.wire_dtype))
             step = int(row["step"])
             t1 = time.perf_counter()
             epoch, b = divmod(step, plan.steps_per_epoch)
@@ -63,7 +66,7 @@ def child_trainer_sim(H, persis_info, sim_specs, libE_info):
             loss = F.nll_loss(model(images[pos]), labels[pos])
             loss.backward()
             t2 = time.perf_counter()
-            grad_key = store.put(to_numpy(flat_grad))
+            grad_key = store.put(to_wire(flat_grad, cfg.wire_dtype))
             t3 = time.perf_counter()
 
             out = np.zeros(1, dtype=sim_specs["out"])
@@ -72,6 +75,7 @@ def child_trainer_sim(H, persis_info, sim_specs, libE_info):
             out["n_samples"] = len(pos)
             out["shard"] = shard
             out["load_s"], out["compute_s"], out["put_s"], out["wait_s"] = t1 - t0, t2 - t1, t3 - t2, wait_s
+            out["rss_mb"] = process.memory_info().rss / 2**20
             tag, _, calc_in = ps.send_recv(out)
             wait_s = time.perf_counter() - t3
             if tag in (STOP_TAG, PERSIS_STOP):

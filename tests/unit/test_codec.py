@@ -6,7 +6,7 @@ import pytest
 from libe_cnn import codec
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "int64", "uint8"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "int64", "uint8", "int16"])
 @pytest.mark.parametrize("shape", [(), (0,), (7,), (3, 4), (2, 1, 5)])
 def test_round_trip(dtype, shape):
     a = (np.arange(int(np.prod(shape))) * 3 % 11).astype(dtype).reshape(shape)

@@ -1,6 +1,6 @@
 import torch
 
-from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters, to_numpy
+from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters
 from mnist.model import Net, build_model, evaluate
 
 
@@ -62,7 +62,7 @@ def test_backward_accumulates_into_flat_gradient():
         torch.testing.assert_close(flat_grad, expected)
         start, end = flat_grad.data_ptr(), flat_grad.data_ptr() + 4 * flat_grad.numel()
         assert all(start <= p.grad.data_ptr() < end for p in model.parameters())
-    assert to_numpy(flat_grad).shape == (1_199_882,)
+    assert flat_grad.shape == (1_199_882,)
 
 
 def test_evaluate_on_known_labels():

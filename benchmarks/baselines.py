@@ -1,0 +1,108 @@
+"""The baselines the trainer is measured against: one process, and torch DDP over gloo.
+
+Both train the same CNN on the same shards, batches and optimizer as `run_libe_cnn.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from gen_funcs.parent_model import make_optimizer
+from libe_cnn.redis_server import free_port
+from libe_cnn.runtime import set_threads
+from mnist.data import DatasetFiles, epoch_order, load_shard
+from mnist.model import build_model, evaluate
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What every contender trains: the same data, model, batches and optimizer."""
+
+    files: DatasetFiles
+    n_train: int
+    n_workers: int
+    batch_size: int  # per worker and step
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    seed: int = 1
+
+
+def _batches(w: Workload, shard_x, shard_y, shard: int, step: int):
+    per_epoch = len(shard_y) // w.batch_size
+    epoch, b = divmod(step, per_epoch)
+    pos = torch.from_numpy(epoch_order(len(shard_y), w.seed, shard, epoch)[b * w.batch_size : (b + 1) * w.batch_size])
+    return shard_x[pos], shard_y[pos]
+
+
+def single_process(w: Workload, threads: int, steps: int, warmup: int, union: bool) -> float:
+    """Samples/s of one process: one worker's batch (union=False) or all N workers' (union=True)."""
+    set_threads(threads)
+    shards = [load_shard(w.files, w.n_train, w.n_workers, s, w.seed) for s in range(w.n_workers if union else 1)]
+    model = build_model(w.seed).train()
+    optimizer = make_optimizer(w.optimizer, model.parameters(), w.lr)
+    samples, start = 0, None
+    for step in range(warmup + steps):
+        if step == warmup:
+            start, samples = time.perf_counter(), 0
+        parts = [_batches(w, x, y, s, step) for s, (x, y) in enumerate(shards)]
+        x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        optimizer.zero_grad()
+        F.nll_loss(model(x), y).backward()
+        optimizer.step()
+        samples += len(y)
+    return samples / (time.perf_counter() - start)
+
+
+def _ddp_rank(rank: int, w: Workload, threads: int, steps: int, warmup: int, port: int, queue,
+              eval_every: int | None, test_set) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    set_threads(threads)
+    dist.init_process_group("gloo", rank=rank, world_size=w.n_workers)
+    try:
+        x, y = load_shard(w.files, w.n_train, w.n_workers, rank, w.seed)
+        torch.manual_seed(w.seed * 7919 + rank + 1)
+        model = torch.nn.parallel.DistributedDataParallel(build_model(w.seed).train())
+        optimizer = make_optimizer(w.optimizer, model.parameters(), w.lr)
+        curve, samples = [], 0
+        dist.barrier()
+        start = time.perf_counter()
+        eval_s = 0.0
+        for step in range(warmup + steps):
+            if step == warmup:
+                dist.barrier()
+                start, samples, eval_s = time.perf_counter(), 0, 0.0
+            bx, by = _batches(w, x, y, rank, step)
+            optimizer.zero_grad()
+            F.nll_loss(model(bx), by).backward()  # DDP all-reduces (averages) during backward
+            optimizer.step()
+            samples += len(by) * w.n_workers
+            if eval_every and (step + 1) % eval_every == 0:
+                t0 = time.perf_counter()
+                if rank == 0:
+                    loss, acc = evaluate(model.module, *test_set)
+                    curve.append({"step": step + 1, "wall_s": t0 - start - eval_s, "test_accuracy": acc})
+                dist.barrier()
+                eval_s += time.perf_counter() - t0
+        dist.barrier()
+        elapsed = time.perf_counter() - start - eval_s
+        if rank == 0:
+            queue.put({"samples_per_s": samples / elapsed, "curve": curve})
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp(w: Workload, threads: int, steps: int, warmup: int, eval_every: int | None = None,
+        test_set=None) -> dict:
+    """Samples/s (and, with eval_every, a test-accuracy curve) of torch DDP with N processes."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.start_processes(_ddp_rank, args=(w, threads, steps, warmup, free_port(), queue, eval_every, test_set),
+                       nprocs=w.n_workers, start_method="spawn")
+    return queue.get()

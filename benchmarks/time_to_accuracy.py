@@ -1,0 +1,100 @@
+"""Wall time until the parent model reaches a test accuracy: the trainer against torch DDP.
+
+    python benchmarks/time_to_accuracy.py -n 2 --batch-size 64 --target 0.90
+
+Both train the same CNN with the same global batch, optimizer and learning rate, and both
+evaluate on the whole Fashion-MNIST test set at the same steps (four times per epoch).
+Clocks start after the first step (start-up excluded) and stop during evaluations.
+Writes time-to-accuracy-n{N}-b{B}.json and .md into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.baselines import Workload, ddp  # noqa: E402
+from libe_cnn.runtime import available_cores, threads_per_worker  # noqa: E402
+from mnist.data import load_split, locate, read_idx, steps_per_epoch  # noqa: E402
+
+
+def first_reaching(curve: list[dict], target: float) -> dict | None:
+    return next((point for point in curve if point["test_accuracy"] >= target), None)
+
+
+def ours_curve(w: Workload, epochs: int, eval_every: int, wire_dtype: str) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        cmd = [sys.executable, str(ROOT / "run_libe_cnn.py"), "-n", str(w.n_workers), "--dataset", "fashion-mnist",
+               "--batch-size", str(w.batch_size), "--epochs", str(epochs), "--eval-every", str(eval_every),
+               "--lr", str(w.lr), "--optimizer", w.optimizer, "--seed", str(w.seed), "--wire-dtype", wire_dtype,
+               "--run-dir", str(run_dir)]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"run_libe_cnn.py failed: {result.stderr[-2000:]}")
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    start = next(r["wall_s"] for r in records if r.get("step") == 1 and "event" not in r)
+    curve, eval_total = [], 0.0
+    for r in records:
+        if r.get("event") == "eval":
+            # The evaluation ran after this step was published; its own time is excluded.
+            curve.append({"step": r["step"], "wall_s": r["wall_s"] - r["eval_s"] - eval_total - start,
+                          "test_accuracy": r["test_accuracy"]})
+            eval_total += r["eval_s"]
+    return curve
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("-n", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64, help="per worker (default: %(default)s)")
+    p.add_argument("--target", type=float, default=0.90)
+    p.add_argument("--epochs", type=int, default=5, help="at most (default: %(default)s)")
+    p.add_argument("--wire-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = p.parse_args()
+
+    files = locate("fashion-mnist", ROOT / "data")
+    n_train = len(read_idx(files.paths["train_labels"]))
+    w = Workload(files, n_train=n_train, n_workers=args.n, batch_size=args.batch_size)
+    per_epoch = steps_per_epoch(n_train, args.n, args.batch_size)
+    eval_every = per_epoch // 4 if per_epoch % 4 == 0 else per_epoch
+    total = per_epoch * args.epochs
+    test_set = load_split(files, train=False)
+
+    print("torch DDP ...", file=sys.stderr)
+    ddp_run = ddp(w, threads=threads_per_worker(available_cores(), args.n), steps=total - 1, warmup=1,
+                  eval_every=eval_every, test_set=test_set)
+    ddp_curve = ddp_run["curve"]
+    print("run_libe_cnn.py ...", file=sys.stderr)
+    our_curve = ours_curve(w, args.epochs, eval_every, args.wire_dtype)
+
+    ours_hit, ddp_hit = first_reaching(our_curve, args.target), first_reaching(ddp_curve, args.target)
+    result = {"args": vars(args), "eval_every": eval_every, "ours": our_curve, "ddp": ddp_curve,
+              "ours_time_s": ours_hit and ours_hit["wall_s"], "ddp_time_s": ddp_hit and ddp_hit["wall_s"]}
+    lines = [f"Time to {args.target:.0%} Fashion-MNIST test accuracy, N={args.n}, {args.batch_size} per worker "
+             f"(global {args.n * args.batch_size}), adam 1e-3, evaluated every {eval_every} steps:", "",
+             "| contender | step reached | wall s (excl. start-up and evaluation) |", "| --- | ---: | ---: |"]
+    for name, hit in (("ours", ours_hit), ("torch DDP", ddp_hit)):
+        lines.append(f"| {name} | {hit['step'] if hit else 'not reached'} | {hit['wall_s']:.1f} |" if hit
+                     else f"| {name} | not reached in {args.epochs} epochs | - |")
+    if ours_hit and ddp_hit:
+        lines += ["", f"ours / DDP time = **{ours_hit['wall_s'] / ddp_hit['wall_s']:.2f}**"]
+    text = "\n".join(lines) + "\n"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"time-to-accuracy-n{args.n}-b{args.batch_size}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

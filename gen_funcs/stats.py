@@ -1,0 +1,67 @@
+"""Bookkeeping of a run on the manager: per-step records, steady throughput, the summary."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import psutil
+
+# Per-step durations averaged into the summary (seconds); see metrics.jsonl for each step.
+BREAKDOWN = ("gen_wait_s", "fetch_s", "update_s", "publish_s",
+             "sim_load_s", "sim_compute_s", "sim_put_s", "sim_wait_s")
+
+
+def rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+class RunStats:
+    """Steady-state numbers: everything after the warm-up steps, evaluation time excluded.
+
+    The first step includes the simulators' start-up, and the second still shows it in the
+    simulators' waiting time (a worker that started early waited for the others).
+    """
+
+    WARMUP_STEPS = 2
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self.first: dict | None = None  # the last warm-up step: the clock starts after it
+        self.last: dict | None = None
+        self.eval_s = 0.0  # evaluation time since `first`
+        self.eval_s_before_last = 0.0
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counted = 0
+        self.peak_manager_rss_mb = 0.0
+        self.peak_sim_rss_mb = 0.0
+
+    def step(self, record: dict) -> None:
+        self.peak_manager_rss_mb = max(self.peak_manager_rss_mb, record["manager_rss_mb"])
+        self.peak_sim_rss_mb = max(self.peak_sim_rss_mb, record["sim_rss_mb"])
+        self.seen += 1
+        if self.seen <= self.WARMUP_STEPS:
+            self.first = record
+            return
+        self.last = record
+        self.eval_s_before_last = self.eval_s
+        self.counted += 1
+        for name in BREAKDOWN:
+            self.sums[name] += record[name]
+
+    def evaluation(self, seconds: float) -> None:
+        if self.seen >= self.WARMUP_STEPS:
+            self.eval_s += seconds
+
+    def summary(self) -> dict:
+        if self.last is None:
+            return {"steady_samples_per_s": None, "breakdown_s": {}}
+        elapsed = self.last["wall_s"] - self.first["wall_s"] - self.eval_s_before_last
+        samples = self.last["samples"] - self.first["samples"]
+        return {
+            "steady_samples_per_s": samples / elapsed if elapsed > 0 else None,
+            "steady_step_s": elapsed / self.counted,
+            "breakdown_s": {name: self.sums[name] / self.counted for name in BREAKDOWN},
+            "peak_manager_rss_mb": self.peak_manager_rss_mb,
+            "peak_sim_rss_mb": self.peak_sim_rss_mb,
+        }
+
