@@ -80,7 +80,10 @@ def run_ensemble(plan) -> int:
                            persis_in=["params_key", "step"], outputs=SIM_OUT, user={"plan": plan}),
         # alt_type: simulators are persistent too, so at the end they get PERSIS_STOP
         # (and return) rather than a STOP that leaves an mpirun job waiting.
-        alloc_specs=AllocSpecs(alloc_f=only_persistent_gens, user={"alt_type": True}),
+        # async_return + active_recv_gen: each simulator's row reaches the generator as soon
+        # as it is sent, so its gradient is fetched while the others still compute.
+        alloc_specs=AllocSpecs(alloc_f=only_persistent_gens,
+                               user={"alt_type": True, "async_return": True, "active_recv_gen": True}),
         # The generator ends the run when it has taken its last step; this only bounds
         # the history in case it never does.
         exit_criteria=ExitCriteria(gen_max=cfg.n_workers * (plan.total_steps + 1)),

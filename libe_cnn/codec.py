@@ -36,8 +36,8 @@ class CodecError(ValueError):
     """Raised for bytes that are not a well-formed encoded tensor."""
 
 
-def encode(array: np.ndarray) -> bytes:
-    """Encode a numeric array as header + raw bytes (C order)."""
+def encode(array: np.ndarray) -> bytearray:
+    """Encode a numeric array as header + raw bytes (C order), copying the data once."""
     dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
     code = _CODE_OF.get(np.dtype(dtype))
     if code is None:
@@ -46,7 +46,11 @@ def encode(array: np.ndarray) -> bytes:
         raise CodecError(f"arrays of more than {MAX_NDIM} dimensions are not supported")
     header = _PREFIX.pack(MAGIC, VERSION, code, array.ndim, 0)
     header += b"".join(_DIM.pack(n) for n in array.shape)
-    return header + np.ascontiguousarray(array, dtype=dtype).tobytes()
+    out = bytearray(len(header) + array.size * dtype.itemsize)
+    out[: len(header)] = header
+    payload = np.frombuffer(out, dtype=dtype, count=array.size, offset=len(header))
+    payload[...] = array.reshape(-1)
+    return out
 
 
 def decode(data: bytes | bytearray | memoryview) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
@@ -48,3 +49,18 @@ def local_rank(default: int) -> int:
         if var in os.environ:
             return int(os.environ[var])
     return default
+
+
+def lower_manager_loop_priority() -> None:
+    """Give the libEnsemble manager's polling loop the lowest CPU priority.
+
+    The manager polls its workers in a tight loop. While the simulators compute, that loop
+    takes a share of their cores (on 2 cores it slowed each step by ~20%); at nice 19 it
+    runs only on otherwise idle cycles, which is exactly when the simulators wait for it.
+    Called from the generator's thread, it lowers the manager's main thread only (Linux
+    priorities are per thread), so the generator's own work keeps its priority.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.main_thread().native_id, 19)
+    except (AttributeError, OSError):  # not Linux, or not permitted: run unchanged
+        pass

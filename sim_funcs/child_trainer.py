@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import signal
 import time
-from functools import lru_cache
 
 import numpy as np
 import psutil
@@ -41,7 +40,15 @@ def child_trainer_sim(H, persis_info, sim_specs, libE_info):
     images, labels = load_shard(plan.files, plan.n_train, cfg.n_workers, shard, cfg.seed)
     images, labels = images.to(device), labels.to(device)
     shard_size = len(labels)
-    order = lru_cache(maxsize=1)(lambda epoch: epoch_order(shard_size, cfg.seed, shard, epoch))
+    epoch_orders: dict[int, np.ndarray] = {}
+
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, b = divmod(step, plan.steps_per_epoch)
+        if epoch not in epoch_orders:
+            epoch_orders.clear()
+            epoch_orders[epoch] = epoch_order(shard_size, cfg.seed, shard, epoch)
+        pos = torch.from_numpy(epoch_orders[epoch][b * cfg.batch_size : (b + 1) * cfg.batch_size]).to(device)
+        return images[pos], labels[pos]
 
     model = Net(dropout=cfg.dropout).to(device).train()
     flat_params = flatten_parameters(model)
@@ -51,6 +58,7 @@ def child_trainer_sim(H, persis_info, sim_specs, libE_info):
     process = psutil.Process()
 
     row = H[0]
+    prepared_step, x, y = int(row["step"]), *batch(int(row["step"]))
     wait_s = 0.0  # time blocked waiting for the previous step's parameters
     try:
         while True:
@@ -59,11 +67,11 @@ def child_trainer_sim(H, persis_info, sim_specs, libE_info):
             t0 = time.perf_counter()
             copy_into(flat_params, from_wire(store.get(str(row["params_key"])), cfg.wire_dtype))
             step = int(row["step"])
+            if step != prepared_step:
+                x, y = batch(step)
             t1 = time.perf_counter()
-            epoch, b = divmod(step, plan.steps_per_epoch)
-            pos = torch.from_numpy(order(epoch)[b * cfg.batch_size : (b + 1) * cfg.batch_size]).to(device)
             flat_grad.zero_()
-            loss = F.nll_loss(model(images[pos]), labels[pos])
+            loss = F.nll_loss(model(x), y)
             loss.backward()
             t2 = time.perf_counter()
             grad_key = store.put(to_wire(flat_grad, cfg.wire_dtype))
@@ -72,10 +80,12 @@ def child_trainer_sim(H, persis_info, sim_specs, libE_info):
             out = np.zeros(1, dtype=sim_specs["out"])
             out["grad_key"] = grad_key
             out["loss"] = loss.item()
-            out["n_samples"] = len(pos)
+            out["n_samples"] = len(y)
             out["shard"] = shard
             out["load_s"], out["compute_s"], out["put_s"], out["wait_s"] = t1 - t0, t2 - t1, t3 - t2, wait_s
             out["rss_mb"] = process.memory_info().rss / 2**20
+            # The next batch is gathered while the generator works on this step.
+            prepared_step, x, y = step + 1, *batch(step + 1)
             tag, _, calc_in = ps.send_recv(out)
             wait_s = time.perf_counter() - t3
             if tag in (STOP_TAG, PERSIS_STOP):

@@ -180,3 +180,13 @@ def test_summary_reports_steady_throughput_and_breakdown(tmp_path, fashion_files
     evals = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if '"event"' in line]
     assert evals == [5, 10, 12]
+
+
+def test_no_thread_settings_needed(tmp_path, fashion_files):
+    """Default OpenMP settings: no fork-after-threads deadlock (workers are spawned, not forked)."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    run_dir = tmp_path / "run"
+    result = run_cli("run_libe_cnn.py", "-n", "2", "--dataset", "fashion-mnist", "--limit-train", "2048",
+                     "--max-steps", "3", "--run-dir", str(run_dir), env=env, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 3

@@ -22,7 +22,10 @@ def test_big_endian_input_is_stored_little_endian():
 
 def test_decoded_array_is_a_view_not_a_copy():
     data = codec.encode(np.ones(1000, np.float32))
-    assert not codec.decode(data).flags.writeable
+    decoded = codec.decode(data)
+    data[-4:] = np.float32(7.0).tobytes()
+    assert decoded[-1] == 7.0
+    assert not codec.decode(bytes(data)).flags.writeable  # what Redis returns stays read-only
 
 
 def test_rejects_unsupported_dtype():
