@@ -32,7 +32,7 @@ def connect_redis(cfg: TrainConfig, stack: ExitStack):
     import redis
 
     from libe_cnn.redis_server import PrivateRedis
-    from libe_cnn.store import RedisAddress, delete_run_keys
+    from libe_cnn.store import RedisAddress
 
     if cfg.redis_host is None:
         address = stack.enter_context(PrivateRedis())
@@ -51,8 +51,20 @@ def connect_redis(cfg: TrainConfig, stack: ExitStack):
             raise UserError(f"cannot reach Redis at {cfg.redis_host}:{cfg.redis_port}: "
                             "start it, or omit --redis-host to use a private server") from None
     # Whatever happens, the run leaves none of its keys behind.
-    stack.callback(delete_run_keys, address, cfg.run_id)
+    stack.callback(_delete_keys_or_warn, address, cfg.run_id)
     return address
+
+
+def _delete_keys_or_warn(address, run_id: str) -> None:
+    """At exit, cleaning up must not hide why the run ended; a failure is a warning."""
+    import redis
+
+    from libe_cnn.store import delete_run_keys
+
+    try:
+        delete_run_keys(address, run_id)
+    except redis.RedisError as e:
+        print(f"warning: could not delete this run's keys ({run_id}:*) from Redis: {e}", file=sys.stderr)
 
 
 def run_ensemble(plan) -> int:
