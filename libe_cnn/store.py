@@ -25,6 +25,25 @@ from libe_cnn import codec
 SOCKET_READ_SIZE = 1 << 20
 
 
+def _fast_io() -> dict:
+    """Read replies with hiredis (when installed) but write commands with redis-py's own packer.
+
+    hiredis parses a 4.8 MB reply in about half the time, but its command packer copies a
+    large value twice into one new buffer, which doubled the time of a 4.8 MB SET; redis-py's
+    packer sends a large value as it is.
+    """
+    if not redis.utils.HIREDIS_AVAILABLE:
+        return {}
+    from redis.connection import PythonRespSerializer, _HiredisParser
+    from redis._parsers.encoders import Encoder
+
+    packer = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
+    return {"parser_class": _HiredisParser, "command_packer": packer}
+
+
+_FAST_IO = _fast_io()
+
+
 @dataclass(frozen=True)
 class RedisAddress:
     """Where the run's Redis server is and how to log in."""
@@ -34,7 +53,7 @@ class RedisAddress:
     password: str | None = None
 
     def client(self, **kwargs: Any) -> redis.Redis:
-        return redis.Redis(
+        pool = redis.ConnectionPool(
             host=self.host,
             port=self.port,
             password=self.password,
@@ -42,8 +61,10 @@ class RedisAddress:
             # A few quick retries ride out a blip; a dead server or a wrong password is
             # reported in well under a second instead of after redis-py's default backoff.
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 3),
+            **_FAST_IO,
             **kwargs,
         )
+        return redis.Redis(connection_pool=pool)
 
 
 class RunKey(NamedTuple):

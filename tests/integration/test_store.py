@@ -82,3 +82,18 @@ def test_private_server_requires_its_password_and_stops():
     assert process.poll() is not None
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((address.host, address.port), timeout=1)
+
+
+def test_client_reads_with_hiredis_and_writes_large_values_without_copies(redis_address):
+    from redis.connection import PythonRespSerializer, _HiredisParser
+
+    client = redis_address.client()
+    kwargs = client.connection_pool.connection_kwargs
+    assert kwargs["parser_class"] is _HiredisParser
+    assert isinstance(kwargs["command_packer"], PythonRespSerializer)
+    big = bytearray(6_000_000)
+    packed = kwargs["command_packer"].pack("SET", "k", big)
+    assert any(chunk is big for chunk in packed)  # sent as it is, not copied into a new buffer
+    client.set("store-test:big", big)
+    assert client.get("store-test:big") == bytes(big)
+    client.delete("store-test:big")
