@@ -34,8 +34,11 @@ def _fast_io() -> dict:
     """
     if not redis.utils.HIREDIS_AVAILABLE:
         return {}
-    from redis.connection import PythonRespSerializer, _HiredisParser
-    from redis._parsers.encoders import Encoder
+    try:
+        from redis._parsers.encoders import Encoder
+        from redis.connection import PythonRespSerializer, _HiredisParser
+    except ImportError:  # another redis-py layout: its defaults still work
+        return {}
 
     packer = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
     return {"parser_class": _HiredisParser, "command_packer": packer}
