@@ -63,3 +63,17 @@ def test_corrupt_data_file_is_caught_before_anything_starts(tiny_dataset, tmp_pa
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "t10k-images" in lines[0], result.stderr
     assert not run_dir.exists()
+
+
+def test_missing_redis_server_says_how_to_install_it(tmp_path):
+    import os
+
+    empty_path = tmp_path / "bin"
+    empty_path.mkdir()
+    result = run_cli("run_libe_cnn.py", "--dataset", "fashion-mnist", "--run-dir", str(tmp_path / "run"),
+                     timeout=60, env={**os.environ, "PATH": str(empty_path)})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "redis-server not found" in lines[0], result.stderr
+    assert "apt-get install redis-server" in lines[0] and "brew" in lines[0] and "pixi" in lines[0]
+    assert not (tmp_path / "run").exists()
