@@ -199,9 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if summary is None:  # an MPI worker rank: the manager reports
         return 0
+    steady = summary.get("steady_samples_per_s")
     print(f"done: {summary['steps']} steps, {summary['samples']} samples in {summary['wall_s']:.1f} s "
-          f"({summary['samples_per_s']:.0f} samples/s); test accuracy {summary['test_accuracy']:.2%}, "
-          f"test loss {summary['test_loss']:.4f}; results in {cfg.run_dir}")
+          f"({summary['samples_per_s']:.0f} samples/s" + (f", {steady:.0f} in steady state" if steady else "")
+          + f"); test accuracy {summary['test_accuracy']:.2%}, test loss {summary['test_loss']:.4f}; "
+          f"results in {cfg.run_dir}")
     return 0
 
 
