@@ -16,13 +16,13 @@ from libensemble.message_numbers import EVAL_GEN_TAG, FINISHED_PERSISTENT_GEN_TA
 from libensemble.tools.persistent_support import PersistentSupport
 
 from gen_funcs.reduce import reduce_gradients
-from gen_funcs.stats import RunStats, rss_mb
+from gen_funcs.stats import RunStats
 from libe_cnn.config import TrainConfig
 from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters
 from libe_cnn.plan import plan_from_user
 from libe_cnn.progress import Progress
 from libe_cnn.rundir import MetricsLog, save_json, save_state_dict
-from libe_cnn.runtime import available_cores, gpu_count, lower_manager_loop_priority, select_device, set_threads
+from libe_cnn.runtime import available_cores, gpu_count, lower_manager_loop_priority, rss_mb, select_device, set_threads
 from libe_cnn.store import TensorStore, server_traffic_bytes
 from libe_cnn.wire import from_wire, to_wire
 from mnist.data import load_split

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import psutil
-
 # Per-step durations averaged into the summary (seconds); see metrics.jsonl for each step.
 BREAKDOWN = ("gen_wait_s", "fetch_s", "update_s", "publish_s",
              "sim_load_s", "sim_compute_s", "sim_put_s", "sim_wait_s")
-
-
-def rss_mb() -> float:
-    return psutil.Process().memory_info().rss / 2**20
 
 
 class RunStats:

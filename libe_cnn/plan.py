@@ -31,7 +31,7 @@ SIM_OUT = [
 class RunPlan:
     config: TrainConfig
     files: DatasetFiles
-    redis: RedisAddress | None
+    redis: RedisAddress | None  # set once the manager has connected
     n_train: int  # training samples used (after --limit-train)
     steps_per_epoch: int
     total_steps: int
@@ -50,8 +50,8 @@ def check_dataset(files: DatasetFiles) -> int:
     return sizes["train_labels"]
 
 
-def make_plan(cfg: TrainConfig, files: DatasetFiles, redis: RedisAddress | None = None) -> RunPlan:
-    """Check the data and fix the schedule; the store's address may be filled in later."""
+def make_plan(cfg: TrainConfig, files: DatasetFiles) -> RunPlan:
+    """Check the data and fix the schedule; the store's address is filled in once connected."""
     n_available = check_dataset(files)
     n_train = min(n_available, cfg.limit_train) if cfg.limit_train else n_available
     per_epoch = steps_per_epoch(n_train, cfg.n_workers, cfg.batch_size)
@@ -63,7 +63,7 @@ def make_plan(cfg: TrainConfig, files: DatasetFiles, redis: RedisAddress | None 
     total = per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
-    return RunPlan(cfg, files, redis, n_train, per_epoch, total)
+    return RunPlan(cfg, files, None, n_train, per_epoch, total)
 
 
 def plan_from_user(user: dict) -> RunPlan:

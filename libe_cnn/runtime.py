@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 
+import psutil
 import torch
 
 
@@ -18,6 +19,11 @@ def available_cores() -> int:
 def threads_per_worker(cores: int, n_workers: int) -> int:
     """An even share of the cores for each simulator, at least one (no oversubscription)."""
     return max(1, cores // n_workers)
+
+
+def rss_mb() -> float:
+    """This process's resident memory in MiB."""
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def set_threads(n: int) -> None:

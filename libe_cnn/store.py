@@ -164,10 +164,7 @@ class TensorStore:
         return self._store.put(array).redis_key
 
     def get(self, key: str) -> np.ndarray:
-        data = self._connector.get(RunKey(key))
-        if data is None:
-            raise KeyError(f"store key {key!r} is missing")
-        return codec.decode(data)
+        return self.get_many([key])[0]
 
     def get_many(self, keys: Sequence[str]) -> list[np.ndarray]:
         blobs = self._connector.get_batch([RunKey(k) for k in keys])

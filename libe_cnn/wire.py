@@ -33,7 +33,3 @@ def from_wire(array: np.ndarray, wire: str) -> np.ndarray:
     if array.dtype != expected:
         raise ValueError(f"{wire} on the wire, got {array.dtype}")
     return array.astype(np.float32, copy=False)
-
-
-def wire_bytes(n_values: int, wire: str) -> int:
-    return n_values * (4 if wire == "float32" else 2)

@@ -10,7 +10,6 @@ import signal
 import time
 
 import numpy as np
-import psutil
 import torch
 import torch.nn.functional as F
 from libensemble.message_numbers import EVAL_SIM_TAG, FINISHED_PERSISTENT_SIM_TAG, PERSIS_STOP, STOP_TAG
@@ -18,7 +17,15 @@ from libensemble.tools.persistent_support import PersistentSupport
 
 from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters
 from libe_cnn.plan import plan_from_user
-from libe_cnn.runtime import available_cores, gpu_count, local_rank, select_device, set_threads, threads_per_worker
+from libe_cnn.runtime import (
+    available_cores,
+    gpu_count,
+    local_rank,
+    rss_mb,
+    select_device,
+    set_threads,
+    threads_per_worker,
+)
 from libe_cnn.store import TensorStore
 from libe_cnn.wire import from_wire, to_wire
 from mnist.data import epoch_order, load_shard
@@ -55,7 +62,6 @@ def child_trainer_sim(H, persis_info, sim_specs, libE_info):
     flat_grad = flatten_gradients(model)
     store = TensorStore(plan.redis, cfg.run_id)
     ps = PersistentSupport(libE_info, EVAL_SIM_TAG)
-    process = psutil.Process()
 
     row = H[0]
     prepared_step, x, y = int(row["step"]), *batch(int(row["step"]))
@@ -83,7 +89,7 @@ def child_trainer_sim(H, persis_info, sim_specs, libE_info):
             out["n_samples"] = len(y)
             out["shard"] = shard
             out["load_s"], out["compute_s"], out["put_s"], out["wait_s"] = t1 - t0, t2 - t1, t3 - t2, wait_s
-            out["rss_mb"] = process.memory_info().rss / 2**20
+            out["rss_mb"] = rss_mb()
             # The next batch is gathered while the generator works on this step.
             prepared_step, x, y = step + 1, *batch(step + 1)
             tag, _, calc_in = ps.send_recv(out)
