@@ -5,9 +5,14 @@ Both train the same CNN on the same shards, batches and optimizer as `run_libe_c
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -32,6 +37,29 @@ class Workload:
     optimizer: str = "adam"
     lr: float = 1e-3
     seed: int = 1
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_trainer(*options: str) -> tuple[dict, list[dict]]:
+    """Run `run_libe_cnn.py` on Fashion-MNIST with these options; its summary and metrics records."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        cmd = [sys.executable, str(ROOT / "run_libe_cnn.py"), "--dataset", "fashion-mnist", *options,
+               "--run-dir", str(run_dir)]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"run_libe_cnn.py failed: {result.stderr[-2000:]}")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return summary, records
+
+
+def trainer_options(w: Workload) -> list[str]:
+    """The options that make the trainer run the workload the baselines run."""
+    return ["-n", str(w.n_workers), "--batch-size", str(w.batch_size), "--lr", str(w.lr),
+            "--optimizer", w.optimizer, "--seed", str(w.seed)]
 
 
 def _batches(w: Workload, shard_x, shard_y, shard: int, step: int):

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.baselines import run_trainer  # noqa: E402
 
 
 def main() -> None:
@@ -26,15 +27,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(tmp) / "run"
-        cmd = [sys.executable, str(ROOT / "run_libe_cnn.py"), "-n", str(args.n), "--dataset", "fashion-mnist",
-               "--batch-size", str(args.batch_size), "--max-steps", str(args.steps), "--run-dir", str(run_dir)]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise SystemExit(f"run_libe_cnn.py failed: {result.stderr[-2000:]}")
-        steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-                 if '"event"' not in line]
+    _, records = run_trainer("-n", str(args.n), "--batch-size", str(args.batch_size), "--max-steps", str(args.steps))
+    steps = [r for r in records if "event" not in r]
     start, end = steps[9], steps[-1]
     growth = end["manager_rss_mb"] - start["manager_rss_mb"]
     result = {"args": vars(args), "manager_rss_mb_at_step_10": start["manager_rss_mb"],

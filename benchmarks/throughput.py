@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.baselines import Workload, ddp, single_process  # noqa: E402
+from benchmarks.baselines import Workload, ddp, run_trainer, single_process, trainer_options  # noqa: E402
 from gen_funcs.stats import BREAKDOWN  # noqa: E402
 from libe_cnn.runtime import available_cores, threads_per_worker  # noqa: E402
 from mnist.data import locate, read_idx  # noqa: E402
@@ -33,17 +31,8 @@ from mnist.data import locate, read_idx  # noqa: E402
 
 def ours(w: Workload, steps: int, warmup: int, wire_dtype: str) -> dict:
     """Run the trainer and read its steady throughput (after `warmup` steps, evaluation excluded)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(tmp) / "run"
-        cmd = [sys.executable, str(ROOT / "run_libe_cnn.py"), "-n", str(w.n_workers), "--dataset", "fashion-mnist",
-               "--batch-size", str(w.batch_size), "--max-steps", str(warmup + steps), "--lr", str(w.lr),
-               "--optimizer", w.optimizer, "--seed", str(w.seed), "--wire-dtype", wire_dtype,
-               "--run-dir", str(run_dir)]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"run_libe_cnn.py failed: {result.stderr[-2000:]}")
-        summary = json.loads((run_dir / "summary.json").read_text())
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary, records = run_trainer(*trainer_options(w), "--max-steps", str(warmup + steps),
+                                   "--wire-dtype", wire_dtype)
     steps_ = [r for r in records if "event" not in r]
     evals = [r for r in records if r.get("event") == "eval"]
     first, last = steps_[warmup - 1], steps_[-1]

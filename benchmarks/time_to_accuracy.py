@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.baselines import Workload, ddp  # noqa: E402
+from benchmarks.baselines import Workload, ddp, run_trainer, trainer_options  # noqa: E402
 from libe_cnn.runtime import available_cores, threads_per_worker  # noqa: E402
 from mnist.data import load_split, locate, read_idx, steps_per_epoch  # noqa: E402
 
@@ -30,16 +28,8 @@ def first_reaching(curve: list[dict], target: float) -> dict | None:
 
 
 def ours_curve(w: Workload, epochs: int, eval_every: int, wire_dtype: str) -> list[dict]:
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(tmp) / "run"
-        cmd = [sys.executable, str(ROOT / "run_libe_cnn.py"), "-n", str(w.n_workers), "--dataset", "fashion-mnist",
-               "--batch-size", str(w.batch_size), "--epochs", str(epochs), "--eval-every", str(eval_every),
-               "--lr", str(w.lr), "--optimizer", w.optimizer, "--seed", str(w.seed), "--wire-dtype", wire_dtype,
-               "--run-dir", str(run_dir)]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"run_libe_cnn.py failed: {result.stderr[-2000:]}")
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    _, records = run_trainer(*trainer_options(w), "--epochs", str(epochs), "--eval-every", str(eval_every),
+                             "--wire-dtype", wire_dtype)
     start = next(r["wall_s"] for r in records if r.get("step") == 1 and "event" not in r)
     curve, eval_total = [], 0.0
     for r in records:

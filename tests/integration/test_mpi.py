@@ -8,8 +8,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
 from libe_cnn.store import run_keys
 from tests.conftest import ROOT
 
