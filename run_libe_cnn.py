@@ -88,8 +88,8 @@ def run_ensemble(plan) -> int:
         libE_specs=libE_specs,
         gen_specs=GenSpecs(gen_f=parent_model_gen, persis_in=[name for name, _ in SIM_OUT],
                            outputs=GEN_OUT, user={"plan": plan}),
-        sim_specs=SimSpecs(sim_f=child_trainer_sim, inputs=["params_key", "step"],
-                           persis_in=["params_key", "step"], outputs=SIM_OUT, user={"plan": plan}),
+        sim_specs=SimSpecs(sim_f=child_trainer_sim, inputs=[name for name, _ in GEN_OUT],
+                           persis_in=[name for name, _ in GEN_OUT], outputs=SIM_OUT, user={"plan": plan}),
         # alt_type: simulators are persistent too, so at the end they get PERSIS_STOP
         # (and return) rather than a STOP that leaves an mpirun job waiting.
         # async_return + active_recv_gen: each simulator's row reaches the generator as soon
@@ -97,8 +97,9 @@ def run_ensemble(plan) -> int:
         alloc_specs=AllocSpecs(alloc_f=only_persistent_gens,
                                user={"alt_type": True, "async_return": True, "active_recv_gen": True}),
         # The generator ends the run when it has taken its last step; this only bounds
-        # the history in case it never does.
-        exit_criteria=ExitCriteria(gen_max=cfg.n_workers * (plan.total_steps + 1)),
+        # the history in case it never does. It must never trip first: the generator sends
+        # at most N rows per step (async: N to start, then one per gradient).
+        exit_criteria=ExitCriteria(gen_max=cfg.n_workers * (plan.total_steps + 2)),
     )
     _, _, flag = ensemble.run()
     return flag

@@ -1,13 +1,21 @@
 """The parent-model generator: a persistent libEnsemble generator on the manager.
 
-Each step it receives one row per simulator (the store key of that worker's flat gradient),
-reduces the gradients, takes the optimizer step on the parent model and sends the key of
-the new parameters, put once, to every simulator.
+It holds the parent model and runs one of the aggregation strategies (--strategy):
+
+    sync     each step, one gradient per worker -> reduce -> one optimizer step -> new
+             parameters, put once, to all N
+    async    each gradient is applied as it arrives; only its sender gets fresh parameters
+    param-avg, weighted-param-avg, easgd, gossip, local
+             workers take K local steps; the generator then averages, mixes, moves the
+             center, draws gossip pairs, or only evaluates
+
+The math is in gen_funcs/aggregation.py; this module does the messaging and bookkeeping.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,34 +23,29 @@ import torch
 from libensemble.message_numbers import EVAL_GEN_TAG, FINISHED_PERSISTENT_GEN_TAG, PERSIS_STOP, STOP_TAG
 from libensemble.tools.persistent_support import PersistentSupport
 
-from gen_funcs.reduce import reduce_gradients
+from gen_funcs.aggregation import (
+    average_parameters,
+    elastic_center_update,
+    gossip_pairing,
+    mix_parameters,
+    reduce_gradients,
+    staleness_weight,
+)
 from gen_funcs.stats import RunStats
 from libe_cnn.config import TrainConfig
 from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters
-from libe_cnn.plan import plan_from_user
+from libe_cnn.plan import RunPlan, plan_from_user
 from libe_cnn.progress import Progress
 from libe_cnn.rundir import MetricsLog, save_json, save_state_dict
 from libe_cnn.runtime import available_cores, gpu_count, lower_manager_loop_priority, rss_mb, select_device, set_threads
 from libe_cnn.store import TensorStore, server_traffic_bytes
 from libe_cnn.wire import from_wire, to_wire
 from mnist.data import load_split
-from mnist.model import build_model, evaluate
-
-
-def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    # Fused kernels update all parameters in one pass: Adam's step took 0.6 ms instead of
-    # 1.7 ms here, time every simulator spends waiting.
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    if name == "adadelta":
-        return torch.optim.Adadelta(params, lr=lr)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, fused=True)
-    raise ValueError(f"unknown optimizer {name!r}")
+from mnist.model import build_model, evaluate, make_optimizer
 
 
 class ParentModel:
-    """The parent model, its optimizer, and the buffer the workers' gradients reduce into."""
+    """The parent model, its optimizer, and host buffers for gradients and parameters."""
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
         self.cfg = cfg
@@ -50,20 +53,27 @@ class ParentModel:
         self.model = build_model(cfg.seed, cfg.dropout).to(device)
         self.flat_params = flatten_parameters(self.model)
         self.flat_grad = flatten_gradients(self.model)
-        # On CPU the reduction writes straight into the .grad views; on a GPU it stages on the host.
-        self.host_grad = self.flat_grad.numpy() if device.type == "cpu" else np.empty(self.flat_grad.numel(), np.float32)
+        on_cpu = device.type == "cpu"
+        # On the CPU the math writes straight into the model's own buffers; on a GPU it
+        # works on host copies, pushed to the device afterwards.
+        self.host_grad = self.flat_grad.numpy() if on_cpu else np.empty(self.flat_grad.numel(), np.float32)
+        self.host_params = self.flat_params.numpy() if on_cpu else self.flat_params.cpu().numpy()
         self.optimizer = make_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr)
 
     def params_for_wire(self) -> np.ndarray:
         return to_wire(self.flat_params, self.cfg.wire_dtype)
 
-    def apply(self, wire_grads: list[np.ndarray]) -> None:
-        """Reduce the workers' gradients (in the given order) and take one optimizer step."""
-        grads = [from_wire(g, self.cfg.wire_dtype) for g in wire_grads]
-        reduce_gradients(grads, self.host_grad, self.cfg.reduce)
+    def apply(self, grads: list[np.ndarray], mode: str) -> None:
+        """Reduce float32 gradients (in the given order) and take one optimizer step."""
+        reduce_gradients(grads, self.host_grad, mode)
         if self.device.type != "cpu":
             copy_into(self.flat_grad, self.host_grad)
         self.optimizer.step()
+
+    def host_params_changed(self) -> None:
+        """Push host_params, just changed by the aggregation math, into the model."""
+        if self.device.type != "cpu":
+            copy_into(self.flat_params, self.host_params)
 
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
         return evaluate(self.model, images, labels)
@@ -72,133 +82,362 @@ class ParentModel:
         save_state_dict(path, self.model)
 
 
-def _rows(gen_specs: dict, n: int, params_key: str, step: int) -> np.ndarray:
-    rows = np.zeros(n, dtype=gen_specs["out"])
-    rows["params_key"] = params_key
-    rows["step"] = step
-    return rows
+@dataclass
+class Gathered:
+    """One row per simulator, in shard order, with what was fetched for them."""
+
+    rows: np.ndarray
+    results: list[np.ndarray] | None  # float32 buffers, when fetched
+    wait_s: float  # blocked waiting for rows
+    fetch_s: float  # fetching their buffers
 
 
-def _gather_step(ps: PersistentSupport, store: TensorStore, n: int, step: int):
-    """Receive one row per simulator, fetching each gradient as soon as its row arrives.
+class GenRun:
+    """What every strategy shares: the parent, the store, messages, metrics and evaluation."""
 
-    Fetching while slower workers still compute takes most of the transfer off the step's
-    critical path. Returns (rows, gradients) in shard order, so that the reduction order and
-    hence the result are the same in every run, plus the seconds spent waiting and fetching;
-    None if the manager stops the run.
-    """
-    rows: dict[int, np.void] = {}
-    grads: dict[int, np.ndarray] = {}
-    wait_s = fetch_s = 0.0
-    while len(rows) < n:
-        t0 = time.perf_counter()
-        tag, _, calc_in = ps.recv()
-        if tag in (STOP_TAG, PERSIS_STOP):
-            return None
-        t1 = time.perf_counter()
-        keys = [str(k) for k in calc_in["grad_key"]]
-        for row, grad in zip(calc_in, store.get_many(keys)):
-            shard = int(row["shard"])
-            if shard in rows or not 0 <= shard < n:
-                raise RuntimeError(f"step {step}: unexpected gradient from shard {shard}")
-            rows[shard], grads[shard] = row, grad
-        store.evict(keys)
-        wait_s += t1 - t0
-        fetch_s += time.perf_counter() - t1
-    ordered = np.array([rows[s] for s in range(n)], dtype=calc_in.dtype)
-    return ordered, [grads[s] for s in range(n)], wait_s, fetch_s
+    def __init__(self, plan: RunPlan, gen_specs: dict, libE_info: dict) -> None:
+        cfg = plan.config
+        self.plan, self.cfg, self.n = plan, cfg, cfg.n_workers
+        self.run_dir = Path(cfg.run_dir)
+        self.gen_out = gen_specs["out"]
+        # The manager computes only while the simulators wait for it, so it may use all cores.
+        set_threads(available_cores())
+        lower_manager_loop_priority()
+        self.parent = ParentModel(cfg, torch.device(select_device(cfg.device, 0, gpu_count())))
+        self.test_x, self.test_y = load_split(plan.files, train=False)
+        self.store = TensorStore(plan.redis, cfg.run_id)
+        self.ps = PersistentSupport(libE_info, EVAL_GEN_TAG)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.stats = RunStats()
+        self.traffic_at_start = server_traffic_bytes(plan.redis)
+        self.start = time.perf_counter()
+        self.last_eval: dict | None = None
+        # async counts single gradients as steps: N per step of the others.
+        self.total_steps = plan.total_steps * (self.n if cfg.strategy == "async" else 1)
+        self.progress = Progress(self.total_steps)
 
+    # --- messages ---
 
-def parent_model_gen(H, persis_info, gen_specs, libE_info):
-    plan = plan_from_user(gen_specs["user"])
-    cfg = plan.config
-    n = cfg.n_workers
-    run_dir = Path(cfg.run_dir)
+    def send(self, count: int, step: int, n_steps: int = 1, params_key: str = "", peers_key: str = "") -> None:
+        """`count` identical rows; libEnsemble hands each to a simulator that is waiting."""
+        rows = np.zeros(count, dtype=self.gen_out)
+        rows["params_key"], rows["peers_key"] = params_key, peers_key
+        rows["step"], rows["n_steps"] = step, n_steps
+        self.ps.send(rows)
 
-    # The manager computes only while every simulator waits for it, so it may use all cores.
-    set_threads(available_cores())
-    lower_manager_loop_priority()
-    parent = ParentModel(cfg, torch.device(select_device(cfg.device, 0, gpu_count())))
-    test_x, test_y = load_split(plan.files, train=False)
-    store = TensorStore(plan.redis, cfg.run_id)
-    ps = PersistentSupport(libE_info, EVAL_GEN_TAG)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
-    progress = Progress(plan.total_steps)
-    stats = RunStats()
-    traffic_at_start = server_traffic_bytes(plan.redis)
-    start = time.perf_counter()
-    samples, step, epoch, loss = 0, 0, 0, float("nan")
-    last_eval: dict | None = None
+    def receive(self) -> np.ndarray | None:
+        """The next simulator rows (one or more), or None when the manager stops the run."""
+        tag, _, calc_in = self.ps.recv()
+        return None if tag in (STOP_TAG, PERSIS_STOP) else calc_in
 
-    def run_eval() -> dict:
-        t0 = time.perf_counter()
-        test_loss, test_acc = parent.evaluate(test_x, test_y)
-        parent.save(run_dir / "model.pt")
-        eval_s = time.perf_counter() - t0
-        stats.evaluation(eval_s)
-        record = {"event": "eval", "step": step, "epoch": epoch, "test_loss": test_loss,
-                  "test_accuracy": test_acc, "eval_s": eval_s, "wall_s": time.perf_counter() - start}
-        metrics.write(**record)
-        progress.message(f"epoch {epoch + 1} step {step}: test loss {test_loss:.4f}, test accuracy {test_acc:.2%}")
+    def fetch(self, keys: list[str]) -> list[np.ndarray]:
+        return [from_wire(a, self.cfg.wire_dtype) for a in self.store.get_many(keys)]
+
+    def gather(self, fetch: bool, evict: bool) -> Gathered | None:
+        """One row from every simulator; with `fetch`, each result as soon as its row arrives.
+
+        Fetching while slower workers still compute takes most of the transfer off the
+        step's critical path. Rows and results come back in shard order, so the math runs
+        in the same order in every run.
+        """
+        rows: dict[int, np.void] = {}
+        results: dict[int, np.ndarray] = {}
+        wait_s = fetch_s = 0.0
+        while len(rows) < self.n:
+            t0 = time.perf_counter()
+            calc_in = self.receive()
+            if calc_in is None:
+                return None
+            t1 = time.perf_counter()
+            for row in calc_in:
+                shard = int(row["shard"])
+                if shard in rows or not 0 <= shard < self.n:
+                    raise RuntimeError(f"unexpected result from shard {shard}")
+                rows[shard] = row
+            keys = [str(k) for k in calc_in["result_key"]]
+            if fetch:
+                for row, result in zip(calc_in, self.fetch(keys)):
+                    results[int(row["shard"])] = result
+            if evict:
+                self.store.evict(keys)
+            wait_s += t1 - t0
+            fetch_s += time.perf_counter() - t1
+        ordered = np.array([rows[s] for s in range(self.n)], dtype=calc_in.dtype)
+        return Gathered(ordered, [results[s] for s in range(self.n)] if fetch else None, wait_s, fetch_s)
+
+    # --- bookkeeping ---
+
+    def eval_due(self, step: int) -> bool:
+        """Evaluate at every epoch end, every --eval-every steps and at the last step."""
+        every = self.cfg.eval_every
+        return (step % self.plan.steps_per_epoch == 0 or step == self.plan.total_steps
+                or bool(every and step % every == 0))
+
+    def record(self, rows: np.ndarray, **record) -> dict:
+        """Write one metrics record, with the simulators' timings from `rows`, and show progress."""
+        record.update({f"sim_{name}": float(rows[name].mean()) for name in ("load_s", "compute_s", "put_s", "wait_s")})
+        record.update(manager_rss_mb=rss_mb(), sim_rss_mb=float(rows["rss_mb"].max()))
+        self.metrics.write(**record)
+        self.stats.step(record)
+        self.progress.update(record["step"], record["epoch"], record["loss"],
+                        self.last_eval["test_accuracy"] if self.last_eval else None,
+                        record["samples"] / record["wall_s"])
         return record
 
-    params_key = store.put(parent.params_for_wire())
-    ps.send(_rows(gen_specs, n, params_key, step))
-    try:
-        while step < plan.total_steps:
-            gathered = _gather_step(ps, store, n, step)
-            if gathered is None:
-                break  # the manager ends the run early (an exit criterion or an error)
-            rows, grads, wait_s, fetch_s = gathered
-            # Every simulator has loaded these parameters: the store holds at most one step.
-            store.evict([params_key])
-            t2 = time.perf_counter()
-            parent.apply(grads)
-            del grads
-            t3 = time.perf_counter()
-            step += 1
-            if step < plan.total_steps:
-                # Publish before any bookkeeping: the simulators are waiting for it.
-                params_key = store.put(parent.params_for_wire())
-                ps.send(_rows(gen_specs, n, params_key, step))
-            t4 = time.perf_counter()
+    def evaluate(self, step: int, epoch: int, samples: int, **extra) -> dict:
+        """Test the parent model, save it, and log the result."""
+        t0 = time.perf_counter()
+        test_loss, test_acc = self.parent.evaluate(self.test_x, self.test_y)
+        self.parent.save(self.run_dir / "model.pt")
+        eval_s = time.perf_counter() - t0
+        self.stats.evaluation(eval_s)
+        record = {"event": "eval", "step": step, "epoch": epoch, "samples": samples, "test_loss": test_loss,
+                  "test_accuracy": test_acc, **extra, "eval_s": eval_s, "wall_s": time.perf_counter() - self.start}
+        self.metrics.write(**record)
+        line = f"epoch {epoch + 1} step {step}: test loss {test_loss:.4f}, test accuracy {test_acc:.2%}"
+        if "best_worker_accuracy" in extra:
+            line += f" (best single worker {extra['best_worker_accuracy']:.2%})"
+        self.progress.message(line)
+        self.last_eval = record
+        return record
 
-            epoch = (step - 1) // plan.steps_per_epoch
-            samples += int(rows["n_samples"].sum())
-            loss = float(rows["loss"].mean())
-            record = {"step": step, "epoch": epoch, "loss": loss, "samples": samples, "wall_s": t4 - start,
-                      "gen_wait_s": wait_s, "fetch_s": fetch_s, "update_s": t3 - t2, "publish_s": t4 - t3,
-                      **{f"sim_{name}": float(rows[name].mean()) for name in ("load_s", "compute_s", "put_s", "wait_s")},
-                      "manager_rss_mb": rss_mb(), "sim_rss_mb": float(rows["rss_mb"].max())}
-            metrics.write(**record)
-            stats.step(record)
-            progress.update(step, epoch, loss, last_eval["test_accuracy"] if last_eval else None,
-                            samples / record["wall_s"])
-            if (step % plan.steps_per_epoch == 0 or step == plan.total_steps
-                    or (cfg.eval_every and step % cfg.eval_every == 0)):
-                last_eval = run_eval()
-
-        if last_eval is None or last_eval["step"] != step:
-            last_eval = run_eval()
-        wall = time.perf_counter() - start
-        save_json(run_dir / "summary.json", {
+    def finish(self, step: int, epoch: int, samples: int, loss: float, **extra) -> None:
+        """Evaluate the final parent if not done yet and write summary.json."""
+        if self.last_eval is None or self.last_eval["step"] != step:
+            self.evaluate(step, epoch, samples)
+        wall = time.perf_counter() - self.start
+        store_bytes = server_traffic_bytes(self.plan.redis) - self.traffic_at_start
+        cfg = self.cfg
+        save_json(self.run_dir / "summary.json", {
+            "strategy": cfg.strategy,
             "steps": step,
             "epochs": epoch + 1 if step else 0,
             "samples": samples,
             "wall_s": wall,
             "samples_per_s": samples / wall if wall > 0 else 0.0,
-            **stats.summary(),
+            **self.stats.summary(),
             "train_loss": loss,
-            "test_loss": last_eval["test_loss"],
-            "test_accuracy": last_eval["test_accuracy"],
-            "n_workers": n,
+            "test_loss": self.last_eval["test_loss"],
+            "test_accuracy": self.last_eval["test_accuracy"],
+            **{k: v for k, v in self.last_eval.items() if k.startswith("best_worker") or k == "worker_accuracies"},
+            "n_workers": self.n,
             "dataset": cfg.dataset,
-            "global_batch": n * cfg.batch_size,
+            "global_batch": self.n * cfg.batch_size,
             "wire_dtype": cfg.wire_dtype,
-            "store_bytes_per_step": (server_traffic_bytes(plan.redis) - traffic_at_start) / max(step, 1),
-            "completed": step == plan.total_steps,
+            "store_bytes_per_step": store_bytes / max(step, 1),
+            "store_bytes_per_sample": store_bytes / max(samples, 1),
+            **extra,
+            "completed": step == self.total_steps,
         })
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.store.close()
+
+
+def run_sync(run: GenRun) -> None:
+    """Parallel SGD: every step reduces one gradient per worker into one optimizer step."""
+    plan, n, parent = run.plan, run.n, run.parent
+    step, epoch, samples, loss = 0, 0, 0, float("nan")
+    params_key = run.store.put(parent.params_for_wire())
+    run.send(n, step, params_key=params_key)
+    while step < plan.total_steps:
+        got = run.gather(fetch=True, evict=True)
+        if got is None:
+            break  # the manager ends the run early (an exit criterion or an error)
+        # Every simulator has loaded these parameters: the store holds at most one step.
+        run.store.evict([params_key])
+        t2 = time.perf_counter()
+        parent.apply(got.results, run.cfg.reduce)
+        t3 = time.perf_counter()
+        step += 1
+        if step < plan.total_steps:
+            # Publish before any bookkeeping: the simulators are waiting for it.
+            params_key = run.store.put(parent.params_for_wire())
+            run.send(n, step, params_key=params_key)
+        t4 = time.perf_counter()
+        epoch = (step - 1) // plan.steps_per_epoch
+        samples += int(got.rows["n_samples"].sum())
+        loss = float(got.rows["loss"].mean())
+        run.record(got.rows, step=step, epoch=epoch, loss=loss, samples=samples, wall_s=t4 - run.start,
+                   gen_wait_s=got.wait_s, fetch_s=got.fetch_s, update_s=t3 - t2, publish_s=t4 - t3)
+        if run.eval_due(step):
+            run.evaluate(step, epoch, samples)
+    run.finish(step, epoch, samples, loss)
+
+
+def run_async(run: GenRun) -> None:
+    """An asynchronous parameter server: each gradient is applied the moment it arrives.
+
+    Steps here count single gradients: the same samples as sync take N times the steps. A
+    gradient computed on parameters more than --max-staleness updates old is dropped.
+    """
+    plan, n, parent, cfg = run.plan, run.n, run.parent, run.cfg
+    total = run.total_steps
+    version = 0  # optimizer steps taken by the parent
+    step, epoch, samples, loss, dropped = 0, 0, 0, float("nan"), 0
+    staleness_sum = staleness_max = 0
+    # Parameter versions sent and not yet loaded by every worker they went to: [key, workers].
+    outstanding: dict[int, list] = {0: [run.store.put(parent.params_for_wire()), n]}
+    run.send(n, version, params_key=outstanding[0][0])
+
+    def loaded(v: int) -> None:
+        """A worker has answered from version v, so it has loaded it."""
+        outstanding[v][1] -= 1
+        if outstanding[v][1] == 0:
+            run.store.evict([outstanding.pop(v)[0]])
+
+    while step < total:
+        t0 = time.perf_counter()
+        rows = run.receive()
+        if rows is None:
+            break
+        rows = rows[: total - step]  # results beyond the budget are not used
+        t1 = time.perf_counter()
+        grads = run.fetch([str(k) for k in rows["result_key"]])
+        run.store.evict([str(k) for k in rows["result_key"]])
+        t2 = time.perf_counter()
+        outcomes = []  # (staleness, used) per row
+        for row, grad in zip(rows, grads):
+            staleness = version - int(row["version"])
+            used = staleness_weight(staleness, cfg.max_staleness) > 0
+            if used:
+                parent.apply([grad], "sum")
+                version += 1
+            else:
+                dropped += 1
+            loaded(int(row["version"]))
+            staleness_sum += staleness
+            staleness_max = max(staleness_max, staleness)
+            outcomes.append((staleness, used))
+        t3 = time.perf_counter()
+        if step + len(rows) < total:
+            # Only the workers that just answered are waiting; each gets the newest parameters
+            # (already in the store if every gradient of this batch was dropped).
+            if version not in outstanding:
+                outstanding[version] = [run.store.put(parent.params_for_wire()), 0]
+            outstanding[version][1] += len(rows)
+            run.send(len(rows), version, params_key=outstanding[version][0])
+        t4 = time.perf_counter()
+        share = 1.0 / len(rows)  # the generator's time is split evenly over the rows it handled
+        first = step + 1
+        for i, (staleness, used) in enumerate(outcomes):
+            step += 1
+            samples += int(rows[i]["n_samples"])
+            epoch = (step - 1) // (n * plan.steps_per_epoch)
+            loss = float(rows[i]["loss"])
+            run.record(rows[i : i + 1], step=step, epoch=epoch, loss=loss, samples=samples, wall_s=t4 - run.start,
+                       staleness=staleness, dropped=not used, version=version, gen_wait_s=(t1 - t0) * share,
+                       fetch_s=(t2 - t1) * share, update_s=(t3 - t2) * share, publish_s=(t4 - t3) * share)
+        # Evaluate where sync would: after every N gradients that complete an evaluation step.
+        if any(s % n == 0 and run.eval_due(s // n) for s in range(first, step + 1)):
+            run.evaluate(step, epoch, samples)
+    run.finish(step, epoch, samples, loss, updates=version, dropped=dropped,
+               mean_staleness=staleness_sum / max(step, 1), max_staleness_seen=staleness_max)
+
+
+def run_periodic(run: GenRun) -> None:
+    """Workers take local steps; every round the generator combines their parameters.
+
+    param-avg           parent <- mean(workers), sent to all
+    weighted-param-avg  parent <- (1 - lambda) parent + lambda mean(workers), sent to all
+    easgd               center <- center + alpha sum(workers - center); the old center was
+                        sent at the round's start and each worker pulls toward it itself
+    gossip              pairs of workers average with each other through the store; the
+                        parent is the workers' mean, computed only to evaluate it
+    local               no exchange; the parent is the workers' mean, evaluated with the best
+                        single worker
+    Rounds last --sync-period steps (local: until the next evaluation), cut short at every
+    evaluation point so that all strategies are evaluated at the same steps.
+    """
+    plan, n, parent, cfg = run.plan, run.n, run.parent, run.cfg
+    strategy = cfg.strategy
+    step, epoch, samples, loss, exchanges = 0, 0, 0, float("nan"), 0
+
+    def round_length(start: int) -> int:
+        end = start + 1
+        limit = plan.total_steps if strategy == "local" else min(start + cfg.sync_period, plan.total_steps)
+        while end < limit and not run.eval_due(end):
+            end += 1
+        return end - start
+
+    n_steps = round_length(0)
+    sent = [run.store.put(parent.params_for_wire())]  # everyone starts from the parent
+    run.send(n, 0, n_steps, params_key=sent[0])
+    while step < plan.total_steps:
+        end = step + n_steps
+        evaluate_now = run.eval_due(end)
+        needs_models = strategy in ("param-avg", "weighted-param-avg", "easgd") or evaluate_now
+        # Gossip partners read each other's parameters next round: keep them until then.
+        got = run.gather(fetch=needs_models, evict=strategy != "gossip")
+        if got is None:
+            break
+        # Every worker has now used what it was sent last round.
+        run.store.evict(sent)
+        sent = [str(k) for k in got.rows["result_key"]] if strategy == "gossip" else []
+        t2 = time.perf_counter()
+        host = parent.host_params
+        if strategy == "param-avg":
+            average_parameters(got.results, host)
+        elif strategy == "weighted-param-avg":
+            mix_parameters(host, average_parameters(got.results, np.empty_like(host)), cfg.mix_lambda)
+        elif strategy == "easgd":
+            elastic_center_update(host, got.results, cfg.easgd_alpha)
+        elif evaluate_now:  # gossip, local: the model to evaluate is the workers' mean
+            average_parameters(got.results, host)
+        parent.host_params_changed()
+        t3 = time.perf_counter()
+        step = end
+        if step < plan.total_steps:
+            n_steps = round_length(step)
+            if strategy == "gossip":
+                pairing = gossip_pairing(n, exchanges, cfg.seed, cfg.gossip_topology)
+                sent.append(run.store.put(pairing))
+                run.send(n, step, n_steps, peers_key=sent[-1])
+            elif strategy == "local":
+                run.send(n, step, n_steps)
+            else:
+                sent.append(run.store.put(parent.params_for_wire()))
+                run.send(n, step, n_steps, params_key=sent[-1])
+            exchanges += strategy != "local"
+        t4 = time.perf_counter()
+        epoch = (step - 1) // plan.steps_per_epoch
+        samples += int(got.rows["n_samples"].sum())
+        loss = float(got.rows["loss"].mean())
+        run.record(got.rows, step=step, epoch=epoch, loss=loss, samples=samples, wall_s=t4 - run.start,
+                   gen_wait_s=got.wait_s, fetch_s=got.fetch_s, update_s=t3 - t2, publish_s=t4 - t3)
+        if evaluate_now:
+            extra = {}
+            if strategy == "local":
+                extra = worker_accuracies(run, got.results)
+            run.evaluate(step, epoch, samples, **extra)
+    run.store.evict(sent)
+    run.finish(step, epoch, samples, loss, exchanges=exchanges)
+
+
+def worker_accuracies(run: GenRun, models: list[np.ndarray]) -> dict:
+    """Test accuracy of each worker's own model (the parent is restored afterwards)."""
+    parent = run.parent
+    saved = parent.host_params.copy()
+    accuracies = []
+    for model in models:
+        np.copyto(parent.host_params, model)
+        parent.host_params_changed()
+        accuracies.append(parent.evaluate(run.test_x, run.test_y)[1])
+    np.copyto(parent.host_params, saved)
+    parent.host_params_changed()
+    best = int(np.argmax(accuracies))
+    return {"best_worker_accuracy": accuracies[best], "best_worker": best, "worker_accuracies": accuracies}
+
+
+LOOPS = {"sync": run_sync, "async": run_async}
+
+
+def parent_model_gen(H, persis_info, gen_specs, libE_info):
+    plan = plan_from_user(gen_specs["user"])
+    run = GenRun(plan, gen_specs, libE_info)
+    try:
+        LOOPS.get(plan.config.strategy, run_periodic)(run)
     finally:
-        metrics.close()
-        store.close()
+        run.close()
     return None, persis_info, FINISHED_PERSISTENT_GEN_TAG

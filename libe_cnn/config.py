@@ -17,6 +17,12 @@ from libe_cnn.errors import UserError
 DATASETS = ("mnist", "fashion-mnist")
 OPTIMIZERS = ("adam", "adadelta", "sgd")
 REDUCTIONS = ("sum", "mean")
+STRATEGIES = ("sync", "async", "param-avg", "weighted-param-avg", "easgd", "gossip", "local")
+# Strategies in which workers take local optimizer steps and exchange parameters every K steps.
+PERIODIC = ("param-avg", "weighted-param-avg", "easgd", "gossip")
+GOSSIP_TOPOLOGIES = ("random", "ring")
+# EASGD's moving rate: alpha = beta / N with the paper's beta = 0.9 (Zhang et al. 2015, sec. 5).
+EASGD_BETA = 0.9
 COMMS = ("local", "mpi")
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -36,7 +42,14 @@ class TrainConfig:
     batch_size: int = 64  # per worker and step; the global batch is n_workers * batch_size
     lr: float = 1e-3
     optimizer: str = "adam"
-    reduce: str = "sum"  # how the generator combines the workers' gradients
+    # --- aggregation strategy (gen_funcs/aggregation.py has the math) ---
+    strategy: str = "sync"
+    reduce: str | None = None  # sync: sum or mean of the workers' gradients (default sum)
+    sync_period: int | None = None  # periodic strategies: local steps between exchanges (default 4)
+    mix_lambda: float | None = None  # weighted-param-avg: weight of the workers' mean (default 0.5)
+    elastic_alpha: float | None = None  # easgd: moving rate (default EASGD_BETA / n_workers)
+    max_staleness: int | None = None  # async: drop gradients more than this many updates old (default: keep all)
+    gossip_topology: str | None = None  # gossip: random or ring pairings (default random)
     wire_dtype: str = "float32"  # element type of gradients and parameters in the store
     eval_every: int | None = None  # also evaluate every this many steps (always at epoch ends)
     seed: int = 1
@@ -67,7 +80,7 @@ class TrainConfig:
         need(self.wire_dtype in WIRE_DTYPES,
              f"--wire-dtype must be one of {', '.join(WIRE_DTYPES)} (got {self.wire_dtype!r})")
         need(self.eval_every is None or self.eval_every >= 1, "--eval-every must be at least 1")
-        need(self.reduce in REDUCTIONS, f"--reduce must be one of {', '.join(REDUCTIONS)} (got {self.reduce!r})")
+        self._check_strategy(need)
         need(0 < self.redis_port < 65536, f"--redis-port must be 1-65535 (got {self.redis_port})")
         need(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
@@ -85,6 +98,45 @@ class TrainConfig:
         self.run_dir = str(Path(self.run_dir).resolve())
         self.data_dir = str(Path(self.data_dir).resolve())
 
+    def _check_strategy(self, need) -> None:
+        need(self.strategy in STRATEGIES,
+             f"--strategy must be one of {', '.join(STRATEGIES)} (got {self.strategy!r})")
+        applies_to = {
+            "reduce": ("--reduce", ("sync",)),
+            "sync_period": ("--sync-period", PERIODIC),
+            "mix_lambda": ("--mix-lambda", ("weighted-param-avg",)),
+            "elastic_alpha": ("--elastic-alpha", ("easgd",)),
+            "max_staleness": ("--max-staleness", ("async",)),
+            "gossip_topology": ("--gossip-topology", ("gossip",)),
+        }
+        for name, (flag, strategies) in applies_to.items():
+            need(getattr(self, name) is None or self.strategy in strategies,
+                 f"{flag} does not apply to --strategy {self.strategy} (only to {', '.join(strategies)})")
+        need(self.reduce in (None, *REDUCTIONS), f"--reduce must be one of {', '.join(REDUCTIONS)} (got {self.reduce!r})")
+        need(self.sync_period is None or self.sync_period >= 1, f"--sync-period must be at least 1 (got {self.sync_period})")
+        need(self.mix_lambda is None or 0 < self.mix_lambda <= 1, f"--mix-lambda must be in (0, 1] (got {self.mix_lambda})")
+        need(self.elastic_alpha is None or 0 < self.elastic_alpha * self.n_workers <= 1,
+             f"--elastic-alpha must be positive and at most 1/N = {1 / self.n_workers:.4g}, or the center "
+             f"overshoots (got {self.elastic_alpha})")
+        need(self.max_staleness is None or self.max_staleness >= 0,
+             f"--max-staleness must be at least 0 (got {self.max_staleness})")
+        need(self.gossip_topology in (None, *GOSSIP_TOPOLOGIES),
+             f"--gossip-topology must be one of {', '.join(GOSSIP_TOPOLOGIES)} (got {self.gossip_topology!r})")
+        # Defaults of the options that apply; easgd's alpha depends on N, which an MPI launch
+        # may still change, so it is resolved where it is used (`easgd_alpha`).
+        if self.strategy == "sync" and self.reduce is None:
+            self.reduce = "sum"
+        if self.strategy in PERIODIC and self.sync_period is None:
+            self.sync_period = 4
+        if self.strategy == "weighted-param-avg" and self.mix_lambda is None:
+            self.mix_lambda = 0.5
+        if self.strategy == "gossip" and self.gossip_topology is None:
+            self.gossip_topology = "random"
+
+    @property
+    def easgd_alpha(self) -> float:
+        return self.elastic_alpha if self.elastic_alpha is not None else EASGD_BETA / self.n_workers
+
     def public_dict(self) -> dict:
         """The configuration as saved and printed: everything but the password."""
         d = dataclasses.asdict(self)
@@ -95,8 +147,15 @@ class TrainConfig:
         path.write_text(json.dumps(self.public_dict(), indent=2) + "\n")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, like every other error of the tool."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="run_libe_cnn.py",
         description="Data-parallel CNN training as a libEnsemble ensemble: "
         "a parent-model generator and N streaming simulators.",
@@ -122,8 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per worker per step (default: %(default)s)")
     g.add_argument("--lr", type=float, default=d["lr"].default, help="learning rate (default: %(default)s)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="(default: %(default)s)")
-    g.add_argument("--reduce", choices=REDUCTIONS, default="sum",
-                   help="combine workers' gradients by sum or mean (default: %(default)s)")
     g.add_argument("--wire-dtype", choices=WIRE_DTYPES, default="float32",
                    help="type of gradients and parameters on the wire; 16-bit halves the bytes (default: %(default)s)")
     g.add_argument("--eval-every", type=int, default=None, metavar="K",
@@ -132,6 +189,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-dropout", dest="dropout", action="store_false",
                    help="disable dropout (for exact comparisons)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K (default: %(default)s)")
+
+    g = p.add_argument_group("aggregation strategy (see README: Strategies)")
+    g.add_argument("--strategy", choices=STRATEGIES, default="sync",
+                   help="how workers combine their work (default: %(default)s)")
+    g.add_argument("--reduce", choices=REDUCTIONS, default=None,
+                   help="sync: combine workers' gradients by sum or mean (default: sum)")
+    g.add_argument("--sync-period", type=int, default=None, metavar="K",
+                   help=f"{', '.join(PERIODIC)}: local steps between exchanges (default: 4)")
+    g.add_argument("--mix-lambda", type=float, default=None, metavar="L",
+                   help="weighted-param-avg: parent = (1-L) parent + L mean(workers) (default: 0.5)")
+    g.add_argument("--elastic-alpha", type=float, default=None, metavar="A",
+                   help=f"easgd: moving rate of workers and center (default: {EASGD_BETA}/N)")
+    g.add_argument("--max-staleness", type=int, default=None, metavar="S",
+                   help="async: drop a gradient computed on parameters more than S updates old "
+                        "(default: use every gradient)")
+    g.add_argument("--gossip-topology", choices=GOSSIP_TOPOLOGIES, default=None,
+                   help="gossip: pair workers at random or along a ring (default: random)")
 
     g = p.add_argument_group("redis (default: a private server started for the run)")
     g.add_argument("--redis-host", default=None, help="use this Redis server instead (also: REDIS_URL)")

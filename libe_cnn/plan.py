@@ -12,9 +12,15 @@ from mnist.data import DatasetFiles, read_idx, steps_per_epoch
 # libEnsemble rows carry store keys and small numbers only, never tensors: the manager keeps
 # every row in its history, and a row holding a tensor would keep that tensor alive.
 KEY_DTYPE = "U96"
-GEN_OUT = [("params_key", KEY_DTYPE), ("step", int)]
+GEN_OUT = [
+    ("params_key", KEY_DTYPE),  # parameters to load (or, for easgd, the center); empty: none
+    ("peers_key", KEY_DTYPE),  # gossip: the round's pairing; empty: none
+    ("step", int),  # parameter version (sync, async) or local steps done so far (the others)
+    ("n_steps", int),  # local steps to take before answering
+]
 SIM_OUT = [
-    ("grad_key", KEY_DTYPE),
+    ("result_key", KEY_DTYPE),  # the worker's gradient (sync, async) or its parameters (the others)
+    ("version", int),  # the `step` of the row this result answers
     ("loss", float),
     ("n_samples", int),
     ("shard", int),

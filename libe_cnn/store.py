@@ -160,8 +160,17 @@ class TensorStore:
         )
         self._connector = connector
 
-    def put(self, array: np.ndarray) -> str:
-        return self._store.put(array).redis_key
+    def put(self, array: np.ndarray, name: str | None = None) -> str:
+        """Store `array` under a fresh key, or under `key(name)` for a key others can predict."""
+        if name is None:
+            return self._store.put(array).redis_key
+        key = self.key(name)
+        self._connector.set(RunKey(key), codec.encode(array))
+        return key
+
+    def key(self, name: str) -> str:
+        """The full key of a named entry of this run."""
+        return f"{self._connector.namespace}:{name}"
 
     def get(self, key: str) -> np.ndarray:
         return self.get_many([key])[0]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gen_funcs.parent_model import make_optimizer
+from mnist.model import make_optimizer
 from libe_cnn.config import DATASETS, OPTIMIZERS
 from libe_cnn.errors import UserError
 from libe_cnn.runtime import available_cores, set_threads

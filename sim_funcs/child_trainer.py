@@ -1,7 +1,11 @@
 """The child trainer: a persistent libEnsemble simulator that owns one shard of the data.
 
-Each step it loads the parameters the generator published, runs forward and backward once
-on its next batch, puts the flat gradient into the store and sends the key back.
+With --strategy sync or async, each message from the generator names parameters to load;
+the worker runs forward and backward once on its next batch and sends back its gradient.
+With the other strategies it takes K local optimizer steps of its own and sends back its
+parameters, then applies whatever the generator answers: a new parent (param-avg,
+weighted-param-avg), a center to pull toward (easgd), a peer to average with (gossip), or
+nothing (local).
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import torch.nn.functional as F
 from libensemble.message_numbers import EVAL_SIM_TAG, FINISHED_PERSISTENT_SIM_TAG, PERSIS_STOP, STOP_TAG
 from libensemble.tools.persistent_support import PersistentSupport
 
+from gen_funcs.aggregation import elastic_pull, pairwise_average
 from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters
-from libe_cnn.plan import plan_from_user
+from libe_cnn.plan import RunPlan, plan_from_user
 from libe_cnn.runtime import (
     available_cores,
     gpu_count,
@@ -29,74 +34,164 @@ from libe_cnn.runtime import (
 from libe_cnn.store import TensorStore
 from libe_cnn.wire import from_wire, to_wire
 from mnist.data import epoch_order, load_shard
-from mnist.model import Net
+from mnist.model import Net, make_optimizer
+
+
+def gossip_key(step: int, shard: int) -> str:
+    """Where a gossiping worker leaves its parameters after `step` local steps for its peer."""
+    return f"gossip-{step}-{shard}"
+
+
+class ChildWorker:
+    """One worker's shard, model and store connection; its batches come in a seeded order."""
+
+    def __init__(self, plan: RunPlan, shard: int) -> None:
+        cfg = plan.config
+        self.plan, self.cfg, self.shard = plan, cfg, shard
+        set_threads(threads_per_worker(available_cores(), cfg.n_workers))
+        self.device = torch.device(select_device(cfg.device, local_rank(default=shard), gpu_count()))
+        torch.manual_seed(cfg.seed * 7919 + shard + 1)  # dropout masks differ per worker
+        images, labels = load_shard(plan.files, plan.n_train, cfg.n_workers, shard, cfg.seed)
+        self.images, self.labels = images.to(self.device), labels.to(self.device)
+        self._orders: dict[int, np.ndarray] = {}
+        self.model = Net(dropout=cfg.dropout).to(self.device).train()
+        self.flat_params = flatten_parameters(self.model)
+        self.flat_grad = flatten_gradients(self.model)
+        self.store = TensorStore(plan.redis, cfg.run_id)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The worker's batch number `step`, counted from the start of training."""
+        epoch, b = divmod(step, self.plan.steps_per_epoch)
+        if epoch not in self._orders:
+            self._orders.clear()
+            self._orders[epoch] = epoch_order(len(self.labels), self.cfg.seed, self.shard, epoch)
+        size = self.cfg.batch_size
+        pos = torch.from_numpy(self._orders[epoch][b * size : (b + 1) * size]).to(self.device)
+        return self.images[pos], self.labels[pos]
+
+    def gradient(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Forward and backward once; the gradient lands in flat_grad."""
+        self.flat_grad.zero_()
+        loss = F.nll_loss(self.model(x), y)
+        loss.backward()
+        return loss.item()
+
+    def load_params(self, key: str) -> np.ndarray:
+        """Fetch parameters from the store as float32 (read-only, host memory)."""
+        return from_wire(self.store.get(key), self.cfg.wire_dtype)
+
+    def put(self, flat: torch.Tensor, name: str | None = None) -> str:
+        return self.store.put(to_wire(flat, self.cfg.wire_dtype), name)
+
+    def host_params(self) -> np.ndarray:
+        """The parameters as a writable host array (a view of the model's on the CPU)."""
+        return self.flat_params.numpy() if self.device.type == "cpu" else self.flat_params.cpu().numpy()
+
+    def set_host_params(self, host: np.ndarray) -> None:
+        if self.device.type != "cpu":
+            copy_into(self.flat_params, host)
+
+    def result_row(self, dtype, key: str, version: int, loss: float, n_samples: int, times: tuple) -> np.ndarray:
+        out = np.zeros(1, dtype=dtype)
+        out["result_key"] = key
+        out["version"] = version
+        out["loss"] = loss
+        out["n_samples"] = n_samples
+        out["shard"] = self.shard
+        out["load_s"], out["compute_s"], out["put_s"], out["wait_s"] = times
+        out["rss_mb"] = rss_mb()
+        return out
+
+
+def gradient_loop(w: ChildWorker, ps: PersistentSupport, row: np.void, out_dtype) -> None:
+    """sync and async: load the parameters named, send back one gradient, repeat."""
+    t = 0  # batches done by this worker
+    prepared, x, y = t, *w.batch(t)
+    wait_s = 0.0  # time blocked waiting for the previous answer
+    while True:
+        # sync: every step starts from the parameters the generator just published;
+        # async: from the newest ones, whatever the other workers are doing.
+        t0 = time.perf_counter()
+        copy_into(w.flat_params, w.load_params(str(row["params_key"])))
+        if prepared != t:
+            x, y = w.batch(t)
+        t1 = time.perf_counter()
+        loss = w.gradient(x, y)
+        t2 = time.perf_counter()
+        key = w.put(w.flat_grad)
+        t3 = time.perf_counter()
+        out = w.result_row(out_dtype, key, int(row["step"]), loss, len(y), (t1 - t0, t2 - t1, t3 - t2, wait_s))
+        t += 1
+        # The next batch is gathered while the generator works on this one.
+        prepared, x, y = t, *w.batch(t)
+        tag, _, calc_in = ps.send_recv(out)
+        wait_s = time.perf_counter() - t3
+        if tag in (STOP_TAG, PERSIS_STOP):
+            return
+        row = calc_in[0]
+
+
+def local_steps_loop(w: ChildWorker, ps: PersistentSupport, row: np.void, out_dtype) -> None:
+    """The periodic strategies and local: K optimizer steps alone, then one exchange."""
+    cfg = w.cfg
+    # Each worker keeps its own optimizer state across exchanges, as in local SGD.
+    optimizer = make_optimizer(cfg.optimizer, w.model.parameters(), cfg.lr)
+    center = None  # easgd: the center this round's pull goes toward
+    t = 0  # local steps done by this worker
+    wait_s = 0.0
+    while True:
+        t0 = time.perf_counter()
+        if row["params_key"]:
+            params = w.load_params(str(row["params_key"]))
+            if cfg.strategy == "easgd":
+                center = params.copy()
+                if t == 0:  # everyone starts from the center
+                    copy_into(w.flat_params, params)
+            else:
+                copy_into(w.flat_params, params)
+        if row["peers_key"]:
+            peer = int(w.store.get(str(row["peers_key"]))[w.shard])
+            if peer >= 0:  # with odd N, one worker sits a round out
+                host = w.host_params()
+                pairwise_average(host, w.load_params(w.store.key(gossip_key(t, peer))))
+                w.set_host_params(host)
+        t1 = time.perf_counter()
+        n_steps, loss_sum, n_samples = int(row["n_steps"]), 0.0, 0
+        for _ in range(n_steps):
+            x, y = w.batch(t)
+            loss_sum += w.gradient(x, y)
+            optimizer.step()
+            n_samples += len(y)
+            t += 1
+        t2 = time.perf_counter()
+        key = w.put(w.flat_params, gossip_key(t, w.shard) if cfg.strategy == "gossip" else None)
+        t3 = time.perf_counter()
+        if cfg.strategy == "easgd":
+            # The worker's half of the elastic exchange; the generator moves the center by
+            # the same amount from the parameters just sent.
+            host = w.host_params()
+            elastic_pull(host, center, cfg.easgd_alpha)
+            w.set_host_params(host)
+        out = w.result_row(out_dtype, key, int(row["step"]), loss_sum / n_steps, n_samples,
+                           (t1 - t0, t2 - t1, t3 - t2, wait_s))
+        tag, _, calc_in = ps.send_recv(out)
+        wait_s = time.perf_counter() - t3
+        if tag in (STOP_TAG, PERSIS_STOP):
+            return
+        row = calc_in[0]
 
 
 def child_trainer_sim(H, persis_info, sim_specs, libE_info):
     plan = plan_from_user(sim_specs["user"])
-    cfg = plan.config
     shard = libE_info["workerID"] - 1  # the generator runs on the manager; workers are 1..N
     # Ctrl-C in a terminal reaches every process of the job; the manager alone handles it
     # and stops the simulators in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    set_threads(threads_per_worker(available_cores(), cfg.n_workers))
-    device = torch.device(select_device(cfg.device, local_rank(default=shard), gpu_count()))
-    torch.manual_seed(cfg.seed * 7919 + shard + 1)  # dropout masks differ per worker
-
-    images, labels = load_shard(plan.files, plan.n_train, cfg.n_workers, shard, cfg.seed)
-    images, labels = images.to(device), labels.to(device)
-    shard_size = len(labels)
-    epoch_orders: dict[int, np.ndarray] = {}
-
-    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        epoch, b = divmod(step, plan.steps_per_epoch)
-        if epoch not in epoch_orders:
-            epoch_orders.clear()
-            epoch_orders[epoch] = epoch_order(shard_size, cfg.seed, shard, epoch)
-        pos = torch.from_numpy(epoch_orders[epoch][b * cfg.batch_size : (b + 1) * cfg.batch_size]).to(device)
-        return images[pos], labels[pos]
-
-    model = Net(dropout=cfg.dropout).to(device).train()
-    flat_params = flatten_parameters(model)
-    flat_grad = flatten_gradients(model)
-    store = TensorStore(plan.redis, cfg.run_id)
+    worker = ChildWorker(plan, shard)
     ps = PersistentSupport(libE_info, EVAL_SIM_TAG)
-
-    row = H[0]
-    prepared_step, x, y = int(row["step"]), *batch(int(row["step"]))
-    wait_s = 0.0  # time blocked waiting for the previous step's parameters
+    loop = gradient_loop if plan.config.strategy in ("sync", "async") else local_steps_loop
     try:
-        while True:
-            # Why wait here: synchronous data parallelism, every step starts from the
-            # parameters the generator just published.
-            t0 = time.perf_counter()
-            copy_into(flat_params, from_wire(store.get(str(row["params_key"])), cfg.wire_dtype))
-            step = int(row["step"])
-            if step != prepared_step:
-                x, y = batch(step)
-            t1 = time.perf_counter()
-            flat_grad.zero_()
-            loss = F.nll_loss(model(x), y)
-            loss.backward()
-            t2 = time.perf_counter()
-            grad_key = store.put(to_wire(flat_grad, cfg.wire_dtype))
-            t3 = time.perf_counter()
-
-            out = np.zeros(1, dtype=sim_specs["out"])
-            out["grad_key"] = grad_key
-            out["loss"] = loss.item()
-            out["n_samples"] = len(y)
-            out["shard"] = shard
-            out["load_s"], out["compute_s"], out["put_s"], out["wait_s"] = t1 - t0, t2 - t1, t3 - t2, wait_s
-            out["rss_mb"] = rss_mb()
-            # The next batch is gathered while the generator works on this step.
-            prepared_step, x, y = step + 1, *batch(step + 1)
-            tag, _, calc_in = ps.send_recv(out)
-            wait_s = time.perf_counter() - t3
-            if tag in (STOP_TAG, PERSIS_STOP):
-                break
-            row = calc_in[0]
+        loop(worker, ps, H[0], sim_specs["out"])
     finally:
-        store.close()
+        worker.store.close()
     return None, persis_info, FINISHED_PERSISTENT_SIM_TAG

@@ -26,6 +26,17 @@ def test_put_get_many_evict(redis_address):
     store.close()
 
 
+def test_named_entries_are_predictable_within_the_run(redis_address):
+    writer, reader = TensorStore(redis_address, "run-n"), TensorStore(redis_address, "run-n")
+    key = writer.put(np.arange(5, dtype=np.float32), "gossip-3-1")
+    assert key == reader.key("gossip-3-1") == "run-n:gossip-3-1"
+    np.testing.assert_array_equal(reader.get(key), np.arange(5, dtype=np.float32))
+    writer.evict([key])
+    assert run_keys(redis_address, "run-n") == []
+    writer.close()
+    reader.close()
+
+
 def test_a_run_deletes_only_its_own_keys(redis_address):
     a, b = TensorStore(redis_address, "run-b"), TensorStore(redis_address, "run-c")
     a.put(np.ones(3, np.float32))

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gen_funcs.parent_model import make_optimizer
+from mnist.model import make_optimizer
 from libe_cnn.store import run_keys
 from mnist.data import epoch_order, load_shard
 from mnist.model import build_model

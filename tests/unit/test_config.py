@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -67,3 +68,46 @@ def test_cli_options_reach_the_config(tmp_path):
     assert (cfg.n_workers, cfg.dataset, cfg.epochs, cfg.max_steps, cfg.batch_size, cfg.lr, cfg.optimizer,
             cfg.reduce, cfg.seed, cfg.limit_train, cfg.dropout, cfg.device) == (
         3, "fashion-mnist", 2, 5, 8, 0.1, "sgd", "mean", 9, 100, False, "cpu")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"strategy": "allreduce"}, "--strategy must be one of"),
+        ({"sync_period": 2}, "--sync-period does not apply to --strategy sync"),
+        ({"strategy": "local", "sync_period": 2}, "--sync-period does not apply to --strategy local"),
+        ({"strategy": "async", "reduce": "sum"}, "--reduce does not apply to --strategy async"),
+        ({"strategy": "param-avg", "mix_lambda": 0.5}, "--mix-lambda does not apply"),
+        ({"strategy": "gossip", "elastic_alpha": 0.1}, "--elastic-alpha does not apply"),
+        ({"strategy": "sync", "max_staleness": 1}, "--max-staleness does not apply"),
+        ({"strategy": "easgd", "gossip_topology": "ring"}, "--gossip-topology does not apply"),
+        ({"strategy": "param-avg", "sync_period": 0}, "--sync-period must be at least 1"),
+        ({"strategy": "weighted-param-avg", "mix_lambda": 0.0}, r"--mix-lambda must be in \(0, 1\]"),
+        ({"strategy": "weighted-param-avg", "mix_lambda": 1.5}, r"--mix-lambda must be in \(0, 1\]"),
+        ({"strategy": "easgd", "elastic_alpha": 0.0}, "--elastic-alpha must be positive"),
+        ({"strategy": "easgd", "n_workers": 4, "elastic_alpha": 0.3}, "at most 1/N"),
+        ({"strategy": "async", "max_staleness": -1}, "--max-staleness must be at least 0"),
+    ],
+)
+def test_strategy_options_are_checked(kwargs, message, tmp_path):
+    with pytest.raises(UserError, match=message):
+        TrainConfig(run_dir=str(tmp_path), **kwargs)
+
+
+def test_strategy_defaults_fill_only_what_applies(tmp_path):
+    def cfg(**kw):
+        return TrainConfig(run_dir=str(tmp_path), **kw)
+
+    assert cfg().reduce == "sum" and cfg().sync_period is None
+    assert cfg(strategy="param-avg").sync_period == 4 and cfg(strategy="param-avg").reduce is None
+    assert cfg(strategy="weighted-param-avg").mix_lambda == 0.5
+    assert cfg(strategy="gossip").gossip_topology == "random"
+    assert cfg(strategy="async").max_staleness is None
+    # easgd's alpha follows N unless given, also when an MPI launch changes N afterwards.
+    easgd = cfg(strategy="easgd", n_workers=2)
+    assert easgd.easgd_alpha == pytest.approx(0.45)
+    assert dataclasses.replace(easgd, n_workers=3).easgd_alpha == pytest.approx(0.3)
+    assert cfg(strategy="easgd", elastic_alpha=0.1).easgd_alpha == 0.1
+    # A saved config rebuilds to the same config (what the workers do with it).
+    saved = cfg(strategy="gossip", sync_period=8).public_dict()
+    assert TrainConfig(**saved).public_dict() == saved

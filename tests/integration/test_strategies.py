@@ -1,0 +1,146 @@
+"""Every --strategy through real processes: libEnsemble workers, redis-server, real data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gen_funcs.aggregation import (
+    average_parameters,
+    elastic_center_update,
+    elastic_pull,
+    gossip_pairing,
+    mix_parameters,
+    pairwise_average,
+)
+from libe_cnn.config import EASGD_BETA, STRATEGIES
+from libe_cnn.flat import flatten_gradients, flatten_parameters
+from libe_cnn.store import run_keys
+from mnist.data import epoch_order, load_shard
+from mnist.model import build_model, make_optimizer
+from tests.conftest import run_cli
+from tests.integration.test_trainer import redis_env
+
+
+def read_run(run_dir):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    config = json.loads((run_dir / "config.json").read_text())
+    return summary, records, config
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_each_strategy_trains_with_three_workers(tmp_path, fashion_files, redis_address, strategy):
+    run_dir = tmp_path / "run"
+    result = run_cli("run_libe_cnn.py", "-n", "3", "--dataset", "fashion-mnist", "--limit-train", "6144",
+                     "--max-steps", "24", "--eval-every", "12", "--strategy", strategy, "--run-dir", str(run_dir),
+                     env=redis_env(redis_address))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary, records, config = read_run(run_dir)
+    assert summary["strategy"] == config["strategy"] == strategy and summary["completed"]
+    assert summary["samples"] == 24 * 3 * 64  # the same sample budget for every strategy
+    assert summary["test_accuracy"] > 0.5, summary  # chance is 0.1
+    assert summary["store_bytes_per_sample"] > 0
+    evals = [r for r in records if r.get("event") == "eval"]
+    steps = [r for r in records if "event" not in r]
+    assert [e["samples"] for e in evals] == [12 * 3 * 64, 24 * 3 * 64]  # evaluated at the same points
+    assert run_keys(redis_address, config["run_id"]) == []
+    if strategy == "async":
+        # One step per gradient; every gradient's staleness is recorded.
+        assert len(steps) == summary["steps"] == 72
+        assert all(r["staleness"] >= 0 for r in steps) and max(r["staleness"] for r in steps) >= 1
+        assert summary["updates"] + summary["dropped"] == 72 and summary["dropped"] == 0
+    if strategy == "local":
+        assert len(evals[-1]["worker_accuracies"]) == 3
+        assert summary["best_worker_accuracy"] == max(evals[-1]["worker_accuracies"])
+    if strategy in ("param-avg", "weighted-param-avg", "easgd", "gossip"):
+        # Rounds of 4 local steps; the one before each evaluation point may be cut short.
+        assert [r["step"] for r in steps] == [4, 8, 12, 16, 20, 24] and summary["exchanges"] == 5
+
+
+def test_async_drops_gradients_older_than_max_staleness(tmp_path, fashion_files):
+    run_dir = tmp_path / "run"
+    result = run_cli("run_libe_cnn.py", "-n", "3", "--dataset", "fashion-mnist", "--limit-train", "3072",
+                     "--max-steps", "10", "--strategy", "async", "--max-staleness", "0", "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary, records, _ = read_run(run_dir)
+    steps = [r for r in records if "event" not in r]
+    assert all(r["dropped"] == (r["staleness"] > 0) for r in steps)
+    assert summary["dropped"] == sum(r["dropped"] for r in steps) > 0
+    assert summary["updates"] == 30 - summary["dropped"]
+
+
+# --- parity: the ensemble computes exactly what one process computes with the same math ---
+
+def reference_run(files, strategy: str, seed: int, n_train: int, n: int, batch: int, steps: int, lr: float,
+                  period: int) -> dict:
+    """N worker models trained in one process with the strategy's math, on the same batches.
+
+    Returns the state_dict of the model the ensemble saves: the parent (param-avg,
+    weighted-param-avg), the center (easgd) or the workers' mean (gossip, local).
+    """
+    parent = build_model(seed, dropout=False)
+    parent_flat = flatten_parameters(parent).numpy()
+    models = [build_model(seed, dropout=False).train() for _ in range(n)]
+    flats = [flatten_parameters(m) for m in models]
+    for m in models:
+        flatten_gradients(m)
+    optimizers = [make_optimizer("sgd", m.parameters(), lr) for m in models]
+    shards = [load_shard(files, n_train, n, s, seed) for s in range(n)]
+    orders = [epoch_order(len(y), seed, s, 0) for s, (_, y) in enumerate(shards)]
+    alpha = EASGD_BETA / n
+    rounds = [(start, min(start + period, steps)) for start in range(0, steps, period)]
+    for r, (start, end) in enumerate(rounds):
+        for s, (model, opt) in enumerate(zip(models, optimizers)):
+            for t in range(start, end):
+                x, y = shards[s]
+                pos = torch.from_numpy(orders[s][t * batch : (t + 1) * batch])
+                model.zero_grad(set_to_none=False)
+                F.nll_loss(model(x[pos]), y[pos]).backward()
+                opt.step()
+        workers = [f.numpy() for f in flats]
+        sent = [w.copy() for w in workers]
+        if strategy == "param-avg":
+            average_parameters(sent, parent_flat)
+        elif strategy == "weighted-param-avg":
+            mix_parameters(parent_flat, average_parameters(sent, np.empty_like(parent_flat)), 0.5)
+        elif strategy == "easgd":
+            center_before = parent_flat.copy()
+            elastic_center_update(parent_flat, sent, alpha)
+        if r == len(rounds) - 1:
+            break
+        for s, w in enumerate(workers):  # what each worker does with the generator's answer
+            if strategy in ("param-avg", "weighted-param-avg"):
+                np.copyto(w, parent_flat)
+            elif strategy == "easgd":
+                elastic_pull(w, center_before, alpha)
+            elif strategy == "gossip":
+                peer = gossip_pairing(n, r, seed, "random")[s]
+                if peer >= 0:
+                    pairwise_average(w, sent[peer])
+    if strategy in ("gossip", "local"):
+        average_parameters([f.numpy() for f in flats], parent_flat)
+    return parent.state_dict()
+
+
+@pytest.mark.parametrize("strategy", ["param-avg", "weighted-param-avg", "easgd", "gossip", "local"])
+def test_parity_with_the_same_math_in_one_process(tmp_path, fashion_files, strategy):
+    seed, n_train, n, batch, steps, lr, period = 5, 1536, 3, 16, 6, 0.05, 4
+    run_dir = tmp_path / "run"
+    period_args = [] if strategy == "local" else ["--sync-period", str(period)]
+    result = run_cli("run_libe_cnn.py", "-n", str(n), "--dataset", "fashion-mnist", "--limit-train", str(n_train),
+                     "--batch-size", str(batch), "--max-steps", str(steps), "--no-dropout", "--optimizer", "sgd",
+                     "--lr", str(lr), "--seed", str(seed), "--strategy", strategy, *period_args,
+                     "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ensemble = torch.load(run_dir / "model.pt", weights_only=True)
+    reference = reference_run(fashion_files, strategy, seed, n_train, n, batch, steps, lr,
+                              steps if strategy == "local" else period)
+    initial = build_model(seed, dropout=False).state_dict()
+    for name, value in reference.items():
+        assert not torch.equal(value, initial[name]), f"{name} did not train"
+        np.testing.assert_allclose(ensemble[name].numpy(), value.numpy(), atol=1e-5, rtol=0, err_msg=name)
