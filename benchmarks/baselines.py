@@ -19,11 +19,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from mnist.model import make_optimizer
 from libe_cnn.redis_server import free_port
 from libe_cnn.runtime import set_threads
 from mnist.data import DatasetFiles, epoch_order, load_shard
-from mnist.model import build_model, evaluate
+from mnist.model import build_model, evaluate, make_optimizer
 
 
 @dataclass(frozen=True)

@@ -280,6 +280,7 @@ def run_async(run: GenRun) -> None:
     # Parameter versions sent and not yet loaded by every worker they went to: [key, workers].
     outstanding: dict[int, list] = {0: [run.store.put(parent.params_for_wire()), n]}
     run.send(n, version, params_key=outstanding[0][0])
+    in_flight = n  # rows sent and not yet answered
 
     def loaded(v: int) -> None:
         """A worker has answered from version v, so it has loaded it."""
@@ -292,6 +293,7 @@ def run_async(run: GenRun) -> None:
         rows = run.receive()
         if rows is None:
             break
+        in_flight -= len(rows)
         rows = rows[: total - step]  # results beyond the budget are not used
         t1 = time.perf_counter()
         grads = run.fetch([str(k) for k in rows["result_key"]])
@@ -318,6 +320,7 @@ def run_async(run: GenRun) -> None:
                 outstanding[version] = [run.store.put(parent.params_for_wire()), 0]
             outstanding[version][1] += len(rows)
             run.send(len(rows), version, params_key=outstanding[version][0])
+            in_flight += len(rows)
         t4 = time.perf_counter()
         share = 1.0 / len(rows)  # the generator's time is split evenly over the rows it handled
         first = step + 1
@@ -332,6 +335,14 @@ def run_async(run: GenRun) -> None:
         # Evaluate where sync would: after every N gradients that complete an evaluation step.
         if any(s % n == 0 and run.eval_due(s // n) for s in range(first, step + 1)):
             run.evaluate(step, epoch, samples)
+    # Wait for the gradients still being computed, as sync does: libEnsemble may start the
+    # generator again if it ends while simulators are busy. They are not applied.
+    while step == total and in_flight > 0:
+        rows = run.receive()
+        if rows is None:
+            break
+        run.store.evict([str(k) for k in rows["result_key"]])
+        in_flight -= len(rows)
     run.finish(step, epoch, samples, loss, updates=version, dropped=dropped,
                mean_staleness=staleness_sum / max(step, 1), max_staleness_seen=staleness_max)
 
@@ -345,8 +356,8 @@ def run_periodic(run: GenRun) -> None:
                         sent at the round's start and each worker pulls toward it itself
     gossip              pairs of workers average with each other through the store; the
                         parent is the workers' mean, computed only to evaluate it
-    local               no exchange; the parent is the workers' mean, evaluated with the best
-                        single worker
+    local               no exchange; the parent is the workers' mean; at the end the best
+                        single worker is evaluated too
     Rounds last --sync-period steps (local: until the next evaluation), cut short at every
     evaluation point so that all strategies are evaluated at the same steps.
     """
@@ -408,7 +419,8 @@ def run_periodic(run: GenRun) -> None:
                    gen_wait_s=got.wait_s, fetch_s=got.fetch_s, update_s=t3 - t2, publish_s=t4 - t3)
         if evaluate_now:
             extra = {}
-            if strategy == "local":
+            if strategy == "local" and step == plan.total_steps:
+                # Each worker's own model too, once: N more evaluations.
                 extra = worker_accuracies(run, got.results)
             run.evaluate(step, epoch, samples, **extra)
     run.store.evict(sent)
@@ -435,6 +447,10 @@ LOOPS = {"sync": run_sync, "async": run_async}
 
 def parent_model_gen(H, persis_info, gen_specs, libE_info):
     plan = plan_from_user(gen_specs["user"])
+    if (Path(plan.config.run_dir) / "summary.json").exists():
+        # libEnsemble restarts a generator that ended while simulators were still busy;
+        # fail loudly rather than start the run over on top of its own results.
+        raise RuntimeError("the generator was started a second time after the run had finished")
     run = GenRun(plan, gen_specs, libE_info)
     try:
         LOOPS.get(plan.config.strategy, run_periodic)(run)
