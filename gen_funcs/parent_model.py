@@ -190,7 +190,6 @@ class GenRun:
         test_loss, test_acc = self.parent.evaluate(self.test_x, self.test_y)
         self.parent.save(self.run_dir / "model.pt")
         eval_s = time.perf_counter() - t0
-        self.stats.evaluation(eval_s)
         record = {"event": "eval", "step": step, "epoch": epoch, "samples": samples, "test_loss": test_loss,
                   "test_accuracy": test_acc, **extra, "eval_s": eval_s, "wall_s": time.perf_counter() - self.start}
         self.metrics.write(**record)

@@ -10,10 +10,12 @@ BREAKDOWN = ("gen_wait_s", "fetch_s", "update_s", "publish_s",
 
 
 class RunStats:
-    """Steady-state numbers: everything after the warm-up steps, evaluation time excluded.
+    """Steady-state numbers: everything after the warm-up steps.
 
     The first step includes the simulators' start-up, and the second still shows it in the
     simulators' waiting time (a worker that started early waited for the others).
+    Evaluations in between stay in: workers keep training while the generator evaluates
+    (for a whole round in the periodic strategies), so their time cannot be taken out.
     """
 
     WARMUP_STEPS = 2
@@ -22,8 +24,6 @@ class RunStats:
         self.seen = 0
         self.first: dict | None = None  # the last warm-up step: the clock starts after it
         self.last: dict | None = None
-        self.eval_s = 0.0  # evaluation time since `first`
-        self.eval_s_before_last = 0.0
         self.sums: dict[str, float] = defaultdict(float)
         self.counted = 0
         self.peak_manager_rss_mb = 0.0
@@ -37,19 +37,14 @@ class RunStats:
             self.first = record
             return
         self.last = record
-        self.eval_s_before_last = self.eval_s
         self.counted += 1
         for name in BREAKDOWN:
             self.sums[name] += record[name]
 
-    def evaluation(self, seconds: float) -> None:
-        if self.seen >= self.WARMUP_STEPS:
-            self.eval_s += seconds
-
     def summary(self) -> dict:
         if self.last is None:
             return {"steady_samples_per_s": None, "breakdown_s": {}}
-        elapsed = self.last["wall_s"] - self.first["wall_s"] - self.eval_s_before_last
+        elapsed = self.last["wall_s"] - self.first["wall_s"]
         samples = self.last["samples"] - self.first["samples"]
         return {
             "steady_samples_per_s": samples / elapsed if elapsed > 0 else None,

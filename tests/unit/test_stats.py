@@ -10,18 +10,16 @@ def record(step, wall, samples, **overrides):
     return r
 
 
-def test_steady_excludes_warmup_and_evaluation():
+def test_steady_excludes_warmup():
     stats = RunStats()
     stats.step(record(1, wall=10.0, samples=100, sim_wait_s=9.0))  # start-up
     stats.step(record(2, wall=11.0, samples=200, sim_wait_s=5.0))  # still waiting on a late worker
     stats.step(record(3, wall=12.0, samples=300))
-    stats.evaluation(4.0)
-    stats.step(record(4, wall=17.0, samples=400))
+    stats.step(record(4, wall=17.0, samples=400))  # an evaluation ran before this step: it counts
     stats.step(record(5, wall=18.0, samples=500))
-    stats.evaluation(3.0)  # the final evaluation comes after the last step
     s = stats.summary()
-    assert s["steady_samples_per_s"] == pytest.approx(300 / (18.0 - 11.0 - 4.0))
-    assert s["steady_step_s"] == pytest.approx(1.0)
+    assert s["steady_samples_per_s"] == pytest.approx(300 / (18.0 - 11.0))
+    assert s["steady_step_s"] == pytest.approx(7.0 / 3)
     assert s["breakdown_s"]["sim_wait_s"] == pytest.approx(0.01)
     assert s["peak_manager_rss_mb"] == 105.0
 

@@ -1,0 +1,30 @@
+#!/bin/bash
+# Data-parallel training across nodes under PBS Pro / OpenPBS.
+#   qsub multinode/pbs.sh          (pass options with: qsub -v ARGS="--epochs 3" ...)
+# Rank 0 runs the libEnsemble manager, the parent-model generator and a private Redis
+# server; ranks 1..N are the workers. N = nodes x ranks per node - 1.
+#
+# ---- parameters to set (everything marked CHANGE_ME) -------------------------------
+#PBS -N libe-cnn
+#PBS -A CHANGE_ME                          # your allocation
+#PBS -q CHANGE_ME                          # your queue
+#PBS -l select=2:ncpus=32:mpiprocs=4       # 2 nodes, 4 ranks each
+#PBS -l walltime=01:00:00
+#PBS -j oe
+# ------------------------------------------------------------------------------------
+set -euo pipefail
+cd "${PBS_O_WORKDIR:-.}"
+
+PYTHON=${PYTHON:-.venv/bin/python}         # the environment `make setup` built
+DATA_DIR=${DATA_DIR:-data}                 # staged before the job: DATA_DIR/FashionMNIST/raw/*
+REDIS_PORT=${REDIS_PORT:-6380}             # must be open from every node to the first node
+RANKS=$(wc -l < "$PBS_NODEFILE")           # one line per MPI rank (mpiprocs)
+THREADS=${THREADS:-8}                      # cores per rank
+
+export OMP_NUM_THREADS=$THREADS
+
+mpiexec -n "$RANKS" --hostfile "$PBS_NODEFILE" \
+    "$PYTHON" run_libe_cnn.py --comms mpi \
+    --redis-bind 0.0.0.0 --redis-port "$REDIS_PORT" \
+    --dataset fashion-mnist --data-dir "$DATA_DIR" \
+    ${ARGS:-}
