@@ -35,7 +35,7 @@ def connect_redis(cfg: TrainConfig, stack: ExitStack):
     from libe_cnn.store import RedisAddress
 
     if cfg.redis_host is None:
-        address = stack.enter_context(PrivateRedis())
+        address = stack.enter_context(PrivateRedis(cfg.redis_bind or "127.0.0.1", cfg.redis_port))
     else:
         address = RedisAddress(cfg.redis_host, cfg.redis_port, cfg.redis_password)
         try:
@@ -182,9 +182,47 @@ def describe(error: Exception) -> str:
     return ": ".join(" ".join(p.split()) for p in parts)
 
 
+def launch_lines(cfg: TrainConfig, argv: list[str]) -> str:
+    """Command lines that run these options with cfg.n_workers workers on two nodes."""
+    private = cfg.redis_host is None
+    port = cfg.redis_port or 6380
+    # Options the launch lines set themselves, with how many values follow each.
+    owned = {"-n": 1, "--nworkers": 1, "--comms": 1, "--print-launch": 0,
+             **({"--redis-bind": 1, "--redis-port": 1} if private else {})}
+    options, skip = [], 0
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if skip:
+            skip -= 1
+        elif name in owned:
+            skip = 0 if "=" in arg else owned[name]
+        else:
+            options.append(arg)
+    ranks = cfg.n_workers + 1
+    redis = f"--redis-bind 0.0.0.0 --redis-port {port}" if private else ""
+    command = " ".join(filter(None, [sys.executable, "run_libe_cnn.py", "--comms mpi", redis, *options]))
+    where = (f"a private Redis; TCP port {port} on the first node must be open to the second"
+             if private else f"connects to Redis at {cfg.redis_host}:{cfg.redis_port}, which both nodes must reach")
+    return "\n".join([
+        f"# {cfg.n_workers} workers on two nodes: {ranks} MPI ranks. Rank 0, on the first node, runs the manager,",
+        f"# the generator and {where}.",
+        "# HOSTS lists both nodes, the first one first. More in multinode/README.md.",
+        "",
+        "# Open MPI or MPICH:",
+        f"mpiexec -n {ranks} --hostfile HOSTS {command}",
+        "",
+        "# Slurm, inside an allocation of two nodes (salloc --nodes 2):",
+        f"srun --nodes 2 --ntasks {ranks} --mpi=pmix {command}",
+    ])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = config_from_args(argv)
+        if "--print-launch" in argv:
+            print(launch_lines(cfg, argv))
+            return 0
         summary = train(cfg)
     except UserError as e:
         if not _is_worker_rank():

@@ -103,7 +103,7 @@ class GenRun:
         # The manager computes only while the simulators wait for it, so it may use all cores.
         set_threads(available_cores())
         lower_manager_loop_priority()
-        self.parent = ParentModel(cfg, torch.device(select_device(cfg.device, 0, gpu_count())))
+        self.parent = ParentModel(cfg, torch.device(select_device(cfg.gen_device, 0, gpu_count())))
         self.test_x, self.test_y = load_split(plan.files, train=False)
         self.store = TensorStore(plan.redis, cfg.run_id)
         self.ps = PersistentSupport(libE_info, EVAL_GEN_TAG)

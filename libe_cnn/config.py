@@ -54,10 +54,12 @@ class TrainConfig:
     eval_every: int | None = None  # also evaluate every this many steps (always at epoch ends)
     seed: int = 1
     dropout: bool = True  # off only for exact comparisons (parity tests)
-    device: str = "auto"  # auto: a GPU per simulator when present, else CPU
+    device: str = "auto"  # simulators' device; auto: a GPU per simulator by local rank, else CPU
+    gen_device: str = "auto"  # the generator's device; auto: the first GPU of its node, else CPU
     # --- redis ---
     redis_host: str | None = None  # None: start a private server for this run
-    redis_port: int = 6379
+    redis_port: int | None = None  # --redis-host's port (default 6379); the private server's (default: free)
+    redis_bind: str | None = None  # the private server listens here (default 127.0.0.1)
     redis_password: str | None = field(default=None, repr=False)
     # --- output ---
     run_dir: str | None = None  # default runs/<timestamp>
@@ -81,15 +83,20 @@ class TrainConfig:
              f"--wire-dtype must be one of {', '.join(WIRE_DTYPES)} (got {self.wire_dtype!r})")
         need(self.eval_every is None or self.eval_every >= 1, "--eval-every must be at least 1")
         self._check_strategy(need)
-        need(0 < self.redis_port < 65536, f"--redis-port must be 1-65535 (got {self.redis_port})")
+        need(self.redis_port is None or 0 < self.redis_port < 65536,
+             f"--redis-port must be 1-65535 (got {self.redis_port})")
+        for flag, device in (("--device", self.device), ("--gen-device", self.gen_device)):
+            need(device in ("auto", "cpu") or device.startswith("cuda"),
+                 f"{flag} must be auto, cpu, cuda or cuda:K (got {device!r})")
+        need(self.redis_host is None or self.redis_bind is None,
+             "--redis-bind starts a private server and --redis-host names an existing one: give only one")
         need(
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-            f"--device must be auto, cpu, cuda or cuda:K (got {self.device!r})",
+            self.comms != "mpi" or self.redis_host is not None or self.redis_bind is not None,
+            "--comms mpi needs a Redis every rank can reach: --redis-bind ADDR (a private server on "
+            "the first node) or --redis-host HOST",
         )
-        need(
-            self.comms != "mpi" or self.redis_host is not None,
-            "--comms mpi needs --redis-host: a Redis server that every rank can reach",
-        )
+        if self.redis_host is not None and self.redis_port is None:
+            self.redis_port = 6379
         if not self.run_id:
             self.run_id = f"lcnn-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
         if self.run_dir is None:
@@ -188,7 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1, help="(default: %(default)s)")
     g.add_argument("--no-dropout", dest="dropout", action="store_false",
                    help="disable dropout (for exact comparisons)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K (default: %(default)s)")
+    g.add_argument("--device", default="auto",
+                   help="simulators: auto (GPU = local rank %% GPUs on the node, else CPU), cpu, cuda or cuda:K "
+                        "(default: %(default)s)")
+    g.add_argument("--gen-device", default="auto",
+                   help="the generator: auto (the node's first GPU, else CPU), cpu, cuda or cuda:K (default: %(default)s)")
 
     g = p.add_argument_group("aggregation strategy (see README: Strategies)")
     g.add_argument("--strategy", choices=STRATEGIES, default="sync",
@@ -209,12 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("redis (default: a private server started for the run)")
     g.add_argument("--redis-host", default=None, help="use this Redis server instead (also: REDIS_URL)")
-    g.add_argument("--redis-port", type=int, default=None, help="(default: 6379)")
+    g.add_argument("--redis-port", type=int, default=None,
+                   help="port of --redis-host (default: 6379) or of the private server (default: a free one)")
+    g.add_argument("--redis-bind", default=None, metavar="ADDR",
+                   help="start the private server listening on ADDR, e.g. 0.0.0.0 for other nodes "
+                        "(default: 127.0.0.1); it always requires a password")
     g.add_argument("--redis-password", default=None,
                    help="password of --redis-host (prefer REDIS_URL or REDISCLI_AUTH: arguments are visible)")
 
     g = p.add_argument_group("output")
     g.add_argument("--run-dir", default=None, help="where to write the run (default: runs/<timestamp>)")
+    g.add_argument("--print-launch", action="store_true",
+                   help="print the command lines that run these options on two nodes, and exit")
     return p
 
 
@@ -230,14 +247,13 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse the command line (and REDIS_URL) into a checked TrainConfig."""
     args = build_parser().parse_args(argv)
     values = vars(args)
+    del values["print_launch"]  # an action, not part of a run's configuration
     url = os.environ.get("REDIS_URL")
-    if url and values["redis_host"] is None:
+    if url and values["redis_host"] is None and values["redis_bind"] is None:
         host, port, password = parse_redis_url(url)
         values["redis_host"] = host
         values["redis_port"] = values["redis_port"] or port
         values["redis_password"] = values["redis_password"] or password
-    if values["redis_port"] is None:
-        values["redis_port"] = 6379
     if values["redis_password"] is None and values["redis_host"] is not None:
         values["redis_password"] = os.environ.get("REDISCLI_AUTH")
     return TrainConfig(**values)

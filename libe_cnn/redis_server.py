@@ -47,8 +47,9 @@ def _die_with_parent() -> None:
 class PrivateRedis:
     """Start a redis-server for this run; stop it on exit (also on error or Ctrl-C)."""
 
-    def __init__(self, bind: str = "127.0.0.1", startup_timeout: float = 10.0) -> None:
+    def __init__(self, bind: str = "127.0.0.1", port: int | None = None, startup_timeout: float = 10.0) -> None:
         self.bind = bind
+        self.port = port  # None: a free one
         self.startup_timeout = startup_timeout
         self.password = secrets.token_urlsafe(24)
         self.process: subprocess.Popen | None = None
@@ -59,8 +60,8 @@ class PrivateRedis:
         binary = shutil.which("redis-server")
         if binary is None:
             raise UserError(INSTALL_HINT)
-        for _ in range(5):  # the free port can be taken between probing and binding
-            port = free_port(self.bind)
+        for _ in range(1 if self.port else 5):  # a free port can be taken between probing and binding
+            port = self.port or free_port(self.bind)
             self._workdir = tempfile.TemporaryDirectory(prefix="libe-cnn-redis-")
             conf = "\n".join(
                 [
@@ -86,12 +87,18 @@ class PrivateRedis:
                 )
             self.process.stdin.write(conf.encode())
             self.process.stdin.close()
-            address = RedisAddress(self.bind, port, self.password)
+            address = RedisAddress(self.client_host, port, self.password)
             if self._wait_ready(address):
                 self.address = address
                 return address
             self.stop()
-        raise UserError(f"could not start redis-server on {self.bind}: {self._last_error}")
+        raise UserError(f"could not start redis-server on {self.bind}:{port}: {self._last_error}"
+                        + (" (choose another --redis-port)" if self.port else ""))
+
+    @property
+    def client_host(self) -> str:
+        """Where clients connect: the bind address, or this host's name if it binds everywhere."""
+        return socket.gethostname() if self.bind in ("0.0.0.0", "::") else self.bind
 
     def _wait_ready(self, address: RedisAddress) -> bool:
         deadline = time.monotonic() + self.startup_timeout

@@ -8,8 +8,12 @@ import shutil
 import subprocess
 import sys
 
+import psutil
+import torch
+
 from libe_cnn.store import run_keys
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli
+from tests.integration.test_trainer import redis_servers
 
 # Open MPI refuses root and more ranks than cores unless told; MPICH ignores these.
 MPI_ENV = {
@@ -19,18 +23,30 @@ MPI_ENV = {
 }
 
 
-def test_mpiexec_three_ranks_two_workers(tmp_path, redis_address, fashion_files):
+def mpirun(ranks: int, *options: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """run_libe_cnn.py --comms mpi under a real mpiexec with `ranks` ranks."""
     mpiexec = shutil.which("mpiexec")
     assert mpiexec, "mpiexec not found: install Open MPI or MPICH (make test does)"
-    run_dir = tmp_path / "run"
-    env = {**os.environ, **MPI_ENV,
-           "REDIS_URL": f"redis://:{redis_address.password}@{redis_address.host}:{redis_address.port}/0"}
-    result = subprocess.run(
-        [mpiexec, "-n", "3", sys.executable, "run_libe_cnn.py", "--comms", "mpi", "--dataset", "fashion-mnist",
-         "--limit-train", "4096", "--max-steps", "30", "--run-dir", str(run_dir)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    return subprocess.run(
+        [mpiexec, "-n", str(ranks), sys.executable, "run_libe_cnn.py", "--comms", "mpi", *options],
+        cwd=ROOT, env={**(env or os.environ), **MPI_ENV}, capture_output=True, text=True, timeout=300,
     )
+
+
+def our_processes() -> set[int]:
+    """Python processes running this project's trainer or its spawned workers."""
+    return {p.pid for p in psutil.process_iter(["cmdline"])
+            if any("run_libe_cnn.py" in part or "spawn_main" in part for part in p.info["cmdline"] or [])}
+
+
+def test_mpiexec_three_ranks_two_workers(tmp_path, redis_address, fashion_files):
+    before = our_processes()
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "REDIS_URL": f"redis://:{redis_address.password}@{redis_address.host}:{redis_address.port}/0"}
+    result = mpirun(3, "--dataset", "fashion-mnist", "--limit-train", "4096", "--max-steps", "30",
+                    "--run-dir", str(run_dir), env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert our_processes() <= before  # no rank left behind
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["n_workers"] == 2 and summary["steps"] == 30 and summary["completed"]
     assert summary["test_accuracy"] > 0.5
@@ -41,12 +57,35 @@ def test_mpiexec_three_ranks_two_workers(tmp_path, redis_address, fashion_files)
 
 
 def test_mpi_needs_a_reachable_redis(tmp_path):
-    mpiexec = shutil.which("mpiexec")
-    assert mpiexec
-    result = subprocess.run(
-        [mpiexec, "-n", "2", sys.executable, "run_libe_cnn.py", "--comms", "mpi", "--run-dir", str(tmp_path / "r")],
-        cwd=ROOT, env={**os.environ, **MPI_ENV}, capture_output=True, text=True, timeout=120,
-    )
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    result = mpirun(2, "--run-dir", str(tmp_path / "r"), env=env)
     assert result.returncode != 0
-    assert result.stderr.count("--comms mpi needs --redis-host") == 1  # from rank 0 only
+    assert result.stderr.count("--comms mpi needs a Redis every rank can reach") == 1  # from rank 0 only
     assert "Traceback" not in result.stderr
+
+
+def test_local_and_mpi_comms_train_bitwise_the_same_model(tmp_path, fashion_files):
+    """Same seed and data: the parent after K steps is the same under both comms, bit for bit.
+
+    The generator reduces the gradients in shard order whichever worker reports first, and
+    every process gets the same share of threads, so the float operations are identical.
+    Under MPI the run also starts its own private Redis (--redis-bind), which every rank
+    reaches through the plan and which is gone when the job ends.
+    """
+    options = ["--dataset", "fashion-mnist", "--limit-train", "1024", "--batch-size", "16", "--max-steps", "4",
+               "--no-dropout", "--optimizer", "sgd", "--lr", "0.05", "--reduce", "mean", "--seed", "3"]
+    servers_before = redis_servers()
+    local = run_cli("run_libe_cnn.py", "-n", "2", *options, "--run-dir", str(tmp_path / "local"))
+    assert local.returncode == 0, local.stderr[-3000:]
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    mpi = mpirun(3, *options, "--redis-bind", "127.0.0.1", "--run-dir", str(tmp_path / "mpi"), env=env)
+    assert mpi.returncode == 0, mpi.stderr[-3000:]
+    a = torch.load(tmp_path / "local" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "mpi" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert json.loads((tmp_path / "mpi" / "summary.json").read_text())["n_workers"] == 2
+    config = json.loads((tmp_path / "mpi" / "config.json").read_text())
+    assert config["redis_bind"] == "127.0.0.1" and config["redis_password"] is None
+    assert redis_servers() <= servers_before

@@ -19,7 +19,10 @@ from libe_cnn.errors import UserError
         ({"optimizer": "lbfgs"}, "--optimizer"),
         ({"reduce": "max"}, "--reduce"),
         ({"device": "tpu"}, "--device"),
-        ({"comms": "mpi"}, "--redis-host"),
+        ({"comms": "mpi"}, "--comms mpi needs a Redis every rank can reach"),
+        ({"redis_host": "h", "redis_bind": "0.0.0.0"}, "give only one"),
+        ({"gen_device": "tpu"}, "--gen-device"),
+        ({"redis_port": 0}, "--redis-port"),
         ({"max_steps": 0}, "--max-steps"),
     ],
 )
@@ -111,3 +114,16 @@ def test_strategy_defaults_fill_only_what_applies(tmp_path):
     # A saved config rebuilds to the same config (what the workers do with it).
     saved = cfg(strategy="gossip", sync_period=8).public_dict()
     assert TrainConfig(**saved).public_dict() == saved
+
+
+def test_redis_choices(tmp_path, monkeypatch):
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    run = ["--run-dir", str(tmp_path / "r")]
+    private = config_from_args(run)
+    assert (private.redis_host, private.redis_port, private.redis_bind) == (None, None, None)  # a free port
+    bound = config_from_args(["--comms", "mpi", "--redis-bind", "0.0.0.0", "--redis-port", "6380", *run])
+    assert (bound.redis_host, bound.redis_port, bound.redis_bind) == (None, 6380, "0.0.0.0")
+    assert config_from_args(["--redis-host", "h", *run]).redis_port == 6379
+    # A private server asked for explicitly wins over REDIS_URL in the environment.
+    monkeypatch.setenv("REDIS_URL", "redis://:pw@example.org:7000/0")
+    assert config_from_args(["--redis-bind", "127.0.0.1", *run]).redis_host is None

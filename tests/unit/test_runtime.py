@@ -42,3 +42,10 @@ def test_manager_loop_priority_is_lowered_for_the_main_thread_only():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["19", "True"]
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 4])
+def test_workers_on_a_node_spread_evenly_over_its_gpus(gpus):
+    devices = [select_device("auto", rank, gpus) for rank in range(2 * gpus)]
+    assert sorted(set(devices)) == [f"cuda:{g}" for g in range(gpus)]
+    assert all(devices.count(d) == 2 for d in set(devices))
