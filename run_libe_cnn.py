@@ -13,6 +13,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import re
 import sys
 from contextlib import ExitStack, chdir
 from pathlib import Path
@@ -51,11 +52,11 @@ def connect_redis(cfg: TrainConfig, stack: ExitStack):
             raise UserError(f"cannot reach Redis at {cfg.redis_host}:{cfg.redis_port}: "
                             "start it, or omit --redis-host to use a private server") from None
     # Whatever happens, the run leaves none of its keys behind.
-    stack.callback(_delete_keys_or_warn, address, cfg.run_id)
+    stack.callback(_delete_keys_or_warn, address, cfg.run_id, cfg.redis_host is None)
     return address
 
 
-def _delete_keys_or_warn(address, run_id: str) -> None:
+def _delete_keys_or_warn(address, run_id: str, private: bool) -> None:
     """At exit, cleaning up must not hide why the run ended; a failure is a warning."""
     import redis
 
@@ -63,6 +64,10 @@ def _delete_keys_or_warn(address, run_id: str) -> None:
 
     try:
         delete_run_keys(address, run_id)
+    except redis.ConnectionError:
+        if not private:  # a private server that is gone took the keys with it
+            print(f"warning: could not delete this run's keys ({run_id}:*) from Redis at "
+                  f"{address.host}:{address.port}: unreachable", file=sys.stderr)
     except redis.RedisError as e:
         print(f"warning: could not delete this run's keys ({run_id}:*) from Redis: {e}", file=sys.stderr)
 
@@ -70,6 +75,7 @@ def _delete_keys_or_warn(address, run_id: str) -> None:
 def run_ensemble(plan) -> int:
     """Run the generator on the manager and N persistent simulators; returns libEnsemble's flag."""
     from libensemble import Ensemble
+    from libensemble import logger as libe_logger
     from libensemble.alloc_funcs.start_only_persistent import only_persistent_gens
     from libensemble.specs import AllocSpecs, ExitCriteria, GenSpecs, LibeSpecs, SimSpecs
 
@@ -78,6 +84,8 @@ def run_ensemble(plan) -> int:
     from sim_funcs.child_trainer import child_trainer_sim
 
     cfg = plan.config
+    # Tracebacks go to ensemble.log only; the terminal gets one line (see main).
+    libe_logger.set_stderr_level("CRITICAL")
     libE_specs = LibeSpecs(
         comms=cfg.comms,
         gen_on_manager=True,
@@ -176,10 +184,24 @@ def _is_worker_rank() -> bool:
     return any(os.environ.get(var, "0") != "0" for var in RANK_VARS)
 
 
+# libEnsemble's wrapping of a worker's error: "Received error message from worker 2:
+# package.module.ValueError: what: See error details above and in ensemble.log".
+_LIBE_WRAPPER = re.compile(r"^Received error message from worker (\d+): (?:[\w.]+\.)?(\w+: )?(.*?)(?:: See error details.*)?$")
+
+
 def describe(error: Exception) -> str:
-    """One line for an unexpected failure; libEnsemble has logged its traceback already."""
+    """One line for an unexpected failure; its traceback is in ensemble.log."""
     parts = [str(a) for a in error.args if a] or [type(error).__name__]
-    return ": ".join(" ".join(p.split()) for p in parts)
+    text = ": ".join(" ".join(p.split()) for p in parts)
+    wrapped = _LIBE_WRAPPER.match(text)
+    if wrapped:
+        worker, kind, what = wrapped.groups()
+        where = "the generator" if worker == "0" else f"worker {worker}"
+        kind = kind.rstrip(": ") if kind else ""
+        if kind in ("ConnectionError", "TimeoutError"):
+            what = f"lost the connection to Redis: {what}"
+        return f"{what} (in {where}{', ' + kind if kind else ''})"
+    return text
 
 
 def launch_lines(cfg: TrainConfig, argv: list[str]) -> str:

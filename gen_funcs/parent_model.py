@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from libensemble.comms.comms import Timeout as CommTimeout
 from libensemble.message_numbers import EVAL_GEN_TAG, FINISHED_PERSISTENT_GEN_TAG, PERSIS_STOP, STOP_TAG
 from libensemble.tools.persistent_support import PersistentSupport
 
@@ -34,6 +35,7 @@ from gen_funcs.aggregation import (
 from gen_funcs.stats import RunStats
 from libe_cnn.config import TrainConfig
 from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters
+from libe_cnn.liveness import TTL_S, LivenessCheck
 from libe_cnn.plan import RunPlan, plan_from_user
 from libe_cnn.progress import Progress
 from libe_cnn.rundir import MetricsLog, save_json, save_state_dict
@@ -42,6 +44,14 @@ from libe_cnn.store import TensorStore, server_traffic_bytes
 from libe_cnn.wire import from_wire, to_wire
 from mnist.data import load_split
 from mnist.model import build_model, evaluate, make_optimizer
+
+
+# How long the generator waits for rows before it checks that every worker is alive.
+LIVENESS_CHECK_S = 2.0
+
+
+class WorkerLost(RuntimeError):
+    """A simulator stopped sending heartbeats: it died, hangs, or lost its node."""
 
 
 class ParentModel:
@@ -107,6 +117,7 @@ class GenRun:
         self.test_x, self.test_y = load_split(plan.files, train=False)
         self.store = TensorStore(plan.redis, cfg.run_id)
         self.ps = PersistentSupport(libE_info, EVAL_GEN_TAG)
+        self.liveness = LivenessCheck(plan.redis, cfg.run_id, self.n)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.stats = RunStats()
         self.traffic_at_start = server_traffic_bytes(plan.redis)
@@ -126,9 +137,29 @@ class GenRun:
         self.ps.send(rows)
 
     def receive(self) -> np.ndarray | None:
-        """The next simulator rows (one or more), or None when the manager stops the run."""
+        """The next simulator rows (one or more), or None when the manager stops the run.
+
+        Raises WorkerLost if a simulator goes silent meanwhile, rather than wait forever.
+        """
+        while not self._mail_within(LIVENESS_CHECK_S):
+            lost = self.liveness.lost()
+            if lost:
+                raise WorkerLost(", ".join(f"worker {s + 1}" for s in lost)
+                                 + f" stopped responding (no heartbeat for {TTL_S} s): it died, hangs, or lost its node")
         tag, _, calc_in = self.ps.recv()
         return None if tag in (STOP_TAG, PERSIS_STOP) else calc_in
+
+    def _mail_within(self, seconds: float) -> bool:
+        """Wait up to `seconds` for a message from the manager, leaving it to be received."""
+        comm = self.ps.comm
+        if not hasattr(comm, "push_to_buffer"):
+            return True  # a comm without timeouts: block in recv as before
+        try:
+            message = comm.recv(timeout=seconds)
+        except CommTimeout:
+            return False
+        comm.push_to_buffer(*message)
+        return True
 
     def fetch(self, keys: list[str]) -> list[np.ndarray]:
         return [from_wire(a, self.cfg.wire_dtype) for a in self.store.get_many(keys)]
@@ -229,9 +260,16 @@ class GenRun:
             "completed": step == self.total_steps,
         })
 
+    def abandon(self, reason: str) -> None:
+        """The run cannot go on: keep the parent as it is and say why in summary.json."""
+        self.parent.save(self.run_dir / "model.pt")
+        save_json(self.run_dir / "summary.json", {"strategy": self.cfg.strategy, "completed": False, "error": reason,
+                                                 "wall_s": time.perf_counter() - self.start})
+
     def close(self) -> None:
         self.metrics.close()
         self.store.close()
+        self.liveness.close()
 
 
 def run_sync(run: GenRun) -> None:
@@ -453,6 +491,9 @@ def parent_model_gen(H, persis_info, gen_specs, libE_info):
     run = GenRun(plan, gen_specs, libE_info)
     try:
         LOOPS.get(plan.config.strategy, run_periodic)(run)
+    except WorkerLost as e:
+        run.abandon(str(e))
+        raise
     finally:
         run.close()
     return None, persis_info, FINISHED_PERSISTENT_GEN_TAG

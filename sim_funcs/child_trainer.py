@@ -21,6 +21,7 @@ from libensemble.tools.persistent_support import PersistentSupport
 
 from gen_funcs.aggregation import elastic_pull, pairwise_average
 from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters
+from libe_cnn.liveness import Heartbeat
 from libe_cnn.plan import RunPlan, plan_from_user
 from libe_cnn.runtime import (
     available_cores,
@@ -187,11 +188,15 @@ def child_trainer_sim(H, persis_info, sim_specs, libE_info):
     # Ctrl-C in a terminal reaches every process of the job; the manager alone handles it
     # and stops the simulators in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    worker = ChildWorker(plan, shard)
-    ps = PersistentSupport(libE_info, EVAL_SIM_TAG)
-    loop = gradient_loop if plan.config.strategy in ("sync", "async") else local_steps_loop
+    heartbeat = Heartbeat(plan.redis, plan.config.run_id, shard)
     try:
-        loop(worker, ps, H[0], sim_specs["out"])
+        worker = ChildWorker(plan, shard)
+        ps = PersistentSupport(libE_info, EVAL_SIM_TAG)
+        loop = gradient_loop if plan.config.strategy in ("sync", "async") else local_steps_loop
+        try:
+            loop(worker, ps, H[0], sim_specs["out"])
+        finally:
+            worker.store.close()
     finally:
-        worker.store.close()
+        heartbeat.stop()
     return None, persis_info, FINISHED_PERSISTENT_SIM_TAG

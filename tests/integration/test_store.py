@@ -108,3 +108,18 @@ def test_client_reads_with_hiredis_and_writes_large_values_without_copies(redis_
     client.set("store-test:big", big)
     assert client.get("store-test:big") == bytes(big)
     client.delete("store-test:big")
+
+
+def test_liveness_sees_a_worker_stop_beating(redis_address):
+    from libe_cnn.liveness import Heartbeat, LivenessCheck
+
+    check = LivenessCheck(redis_address, "run-live", 2)
+    assert check.lost() == []  # neither has started yet: within the start-up grace
+    beats = [Heartbeat(redis_address, "run-live", s) for s in range(2)]
+    assert check.lost() == []
+    beats[1].stop()  # as if worker 2 went silent: its key is gone (or expired)
+    assert check.lost() == [1]
+    beats[0].stop()
+    assert check.lost() == [0, 1]
+    assert run_keys(redis_address, "run-live") == []
+    check.close()

@@ -1,0 +1,93 @@
+"""Faults mid-run, tried on real processes: the run ends fast, says why, and keeps its model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+
+from mnist.model import build_model
+from tests.conftest import ROOT
+from tests.integration.test_trainer import redis_servers
+
+DETECTION_LIMIT_S = 30
+
+
+def start_run(run_dir, *options: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "run_libe_cnn.py", "-n", "2", "--dataset", "fashion-mnist", "--max-steps", "5000",
+         "--eval-every", "5", "--run-dir", str(run_dir), *options],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+
+
+def wait_for_evaluation(run_dir, proc: subprocess.Popen) -> None:
+    """Until the run has trained and saved its model at least once."""
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        if metrics.exists() and '"event": "eval"' in metrics.read_text():
+            return
+        time.sleep(0.2)
+    pytest.fail("the run never evaluated")
+
+
+def children(proc: subprocess.Popen, name_part: str) -> list[psutil.Process]:
+    return [c for c in psutil.Process(proc.pid).children(recursive=True)
+            if name_part in " ".join(c.cmdline())]
+
+
+def ends_fast_and_clean(proc: subprocess.Popen, killed_at: float, everyone: list[psutil.Process]) -> str:
+    """The run exits non-zero within the limit, with one line of error, leaving no process."""
+    _, stderr = proc.communicate(timeout=DETECTION_LIMIT_S + 30)
+    took = time.monotonic() - killed_at
+    assert proc.returncode == 1, stderr[-3000:]
+    assert took < DETECTION_LIMIT_S, took
+    errors = [line for line in stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    psutil.wait_procs(everyone, timeout=10)
+    assert not [p for p in everyone if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    return errors[0]
+
+
+def model_is_intact(run_dir) -> None:
+    build_model(0).load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
+
+
+def test_a_killed_simulator_ends_the_run_naming_the_worker(tmp_path, fashion_files):
+    servers_before = redis_servers()
+    run_dir = tmp_path / "run"
+    proc = start_run(run_dir)
+    wait_for_evaluation(run_dir, proc)
+    sims = children(proc, "spawn_main")
+    assert len(sims) == 2
+    everyone = psutil.Process(proc.pid).children(recursive=True)
+    killed_at = time.monotonic()
+    os.kill(sims[1].pid, signal.SIGKILL)
+    error = ends_fast_and_clean(proc, killed_at, everyone)
+    assert "worker" in error and "stopped responding" in error, error
+    model_is_intact(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["completed"] is False and "stopped responding" in summary["error"]
+    assert redis_servers() <= servers_before
+
+
+def test_a_killed_redis_server_ends_the_run(tmp_path, fashion_files):
+    run_dir = tmp_path / "run"
+    proc = start_run(run_dir)
+    wait_for_evaluation(run_dir, proc)
+    [server] = children(proc, "redis-server")
+    everyone = psutil.Process(proc.pid).children(recursive=True)
+    killed_at = time.monotonic()
+    server.kill()
+    error = ends_fast_and_clean(proc, killed_at, everyone)
+    assert "Redis" in error, error
+    model_is_intact(run_dir)
