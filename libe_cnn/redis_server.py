@@ -113,7 +113,9 @@ class PrivateRedis:
                 with address.client(socket_connect_timeout=1) as client:
                     if client.ping():
                         return True
-            except redis.ConnectionError:
+            except redis.RedisError:
+                # Not up yet, or another server answers on a port ours failed to take:
+                # either way, wait for ours to answer or to exit.
                 time.sleep(0.05)
         return False
 

@@ -94,3 +94,27 @@ def test_missing_redis_server_says_how_to_install_it(tmp_path):
     assert len(lines) == 1 and "redis-server not found" in lines[0], result.stderr
     assert "apt-get install redis-server" in lines[0] and "brew" in lines[0] and "pixi" in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def one_line_exit_2(result, message: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_wrong_redis_password(tmp_path, redis_address, fashion_files):
+    import os
+
+    env = {**os.environ, "REDIS_URL": f"redis://:wrong@{redis_address.host}:{redis_address.port}/0"}
+    result = run_cli("run_libe_cnn.py", "--dataset", "fashion-mnist", "--run-dir", str(tmp_path / "run"),
+                     env=env, timeout=60)
+    one_line_exit_2(result, "refused the password")
+    assert not (tmp_path / "run").exists()
+
+
+def test_private_redis_port_in_use(tmp_path, redis_address, fashion_files):
+    result = run_cli("run_libe_cnn.py", "--dataset", "fashion-mnist", "--redis-port", str(redis_address.port),
+                     "--run-dir", str(tmp_path / "run"), timeout=60)
+    one_line_exit_2(result, "choose another --redis-port")
+    assert not (tmp_path / "run").exists()
