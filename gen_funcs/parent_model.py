@@ -50,8 +50,21 @@ from mnist.model import build_model, evaluate, make_optimizer
 LIVENESS_CHECK_S = 2.0
 
 
-class WorkerLost(RuntimeError):
+class RunAborted(RuntimeError):
+    """The run cannot go on; the parent is kept as it was before the cause."""
+
+
+class WorkerLost(RunAborted):
     """A simulator stopped sending heartbeats: it died, hangs, or lost its node."""
+
+
+class NonFinite(RunAborted):
+    """A worker sent NaN or inf (--on-nonfinite stop)."""
+
+
+def finite(buffer: np.ndarray) -> bool:
+    # NaN propagates through min and max, and inf shows in one of them: two passes, no copy.
+    return bool(np.isfinite(buffer.min()) and np.isfinite(buffer.max()))
 
 
 class ParentModel:
@@ -160,6 +173,15 @@ class GenRun:
             return False
         comm.push_to_buffer(*message)
         return True
+
+    def screen(self, results: list[np.ndarray], rows: np.ndarray, step: int, what: str) -> list[int]:
+        """Indices of non-finite results; with --on-nonfinite stop, the first one ends the run."""
+        bad = [i for i, r in enumerate(results) if not finite(r)]
+        if bad and self.cfg.on_nonfinite == "stop":
+            workers = ", ".join(f"worker {int(rows[i]['shard']) + 1}" for i in bad)
+            raise NonFinite(f"non-finite {what} (NaN or inf) from {workers} at step {step}; the parent is kept "
+                            "from before it (lower --lr, or --on-nonfinite skip)")
+        return bad
 
     def fetch(self, keys: list[str]) -> list[np.ndarray]:
         return [from_wire(a, self.cfg.wire_dtype) for a in self.store.get_many(keys)]
@@ -275,7 +297,7 @@ class GenRun:
 def run_sync(run: GenRun) -> None:
     """Parallel SGD: every step reduces one gradient per worker into one optimizer step."""
     plan, n, parent = run.plan, run.n, run.parent
-    step, epoch, samples, loss = 0, 0, 0, float("nan")
+    step, epoch, samples, loss, skipped = 0, 0, 0, float("nan"), 0
     params_key = run.store.put(parent.params_for_wire())
     run.send(n, step, params_key=params_key)
     while step < plan.total_steps:
@@ -285,7 +307,11 @@ def run_sync(run: GenRun) -> None:
         # Every simulator has loaded these parameters: the store holds at most one step.
         run.store.evict([params_key])
         t2 = time.perf_counter()
-        parent.apply(got.results, run.cfg.reduce)
+        bad = run.screen(got.results, got.rows, step + 1, "gradient")
+        good = [g for i, g in enumerate(got.results) if i not in bad]
+        if good:  # with every gradient skipped, the parent stays as it is
+            parent.apply(good, run.cfg.reduce)
+        skipped += len(bad)
         t3 = time.perf_counter()
         step += 1
         if step < plan.total_steps:
@@ -297,10 +323,11 @@ def run_sync(run: GenRun) -> None:
         samples += int(got.rows["n_samples"].sum())
         loss = float(got.rows["loss"].mean())
         run.record(got.rows, step=step, epoch=epoch, loss=loss, samples=samples, wall_s=t4 - run.start,
-                   gen_wait_s=got.wait_s, fetch_s=got.fetch_s, update_s=t3 - t2, publish_s=t4 - t3)
+                   nonfinite=len(bad), gen_wait_s=got.wait_s, fetch_s=got.fetch_s, update_s=t3 - t2,
+                   publish_s=t4 - t3)
         if run.eval_due(step):
             run.evaluate(step, epoch, samples)
-    run.finish(step, epoch, samples, loss)
+    run.finish(step, epoch, samples, loss, nonfinite_skipped=skipped)
 
 
 def run_async(run: GenRun) -> None:
@@ -312,7 +339,7 @@ def run_async(run: GenRun) -> None:
     plan, n, parent, cfg = run.plan, run.n, run.parent, run.cfg
     total = run.total_steps
     version = 0  # optimizer steps taken by the parent
-    step, epoch, samples, loss, dropped = 0, 0, 0, float("nan"), 0
+    step, epoch, samples, loss, dropped, skipped = 0, 0, 0, float("nan"), 0, 0
     staleness_sum = staleness_max = 0
     # Parameter versions sent and not yet loaded by every worker they went to: [key, workers].
     outstanding: dict[int, list] = {0: [run.store.put(parent.params_for_wire()), n]}
@@ -336,19 +363,22 @@ def run_async(run: GenRun) -> None:
         grads = run.fetch([str(k) for k in rows["result_key"]])
         run.store.evict([str(k) for k in rows["result_key"]])
         t2 = time.perf_counter()
-        outcomes = []  # (staleness, used) per row
-        for row, grad in zip(rows, grads):
+        outcomes = []  # (staleness, used, non-finite) per row
+        bad = run.screen(grads, rows, step + 1, "gradient")
+        for i, (row, grad) in enumerate(zip(rows, grads)):
             staleness = version - int(row["version"])
-            used = staleness_weight(staleness, cfg.max_staleness) > 0
+            used = staleness_weight(staleness, cfg.max_staleness) > 0 and i not in bad
             if used:
                 parent.apply([grad], "sum")
                 version += 1
+            elif i in bad:
+                skipped += 1
             else:
                 dropped += 1
             loaded(int(row["version"]))
             staleness_sum += staleness
             staleness_max = max(staleness_max, staleness)
-            outcomes.append((staleness, used))
+            outcomes.append((staleness, used, i in bad))
         t3 = time.perf_counter()
         if step + len(rows) < total:
             # Only the workers that just answered are waiting; each gets the newest parameters
@@ -361,14 +391,15 @@ def run_async(run: GenRun) -> None:
         t4 = time.perf_counter()
         share = 1.0 / len(rows)  # the generator's time is split evenly over the rows it handled
         first = step + 1
-        for i, (staleness, used) in enumerate(outcomes):
+        for i, (staleness, used, nonfinite) in enumerate(outcomes):
             step += 1
             samples += int(rows[i]["n_samples"])
             epoch = (step - 1) // (n * plan.steps_per_epoch)
             loss = float(rows[i]["loss"])
             run.record(rows[i : i + 1], step=step, epoch=epoch, loss=loss, samples=samples, wall_s=t4 - run.start,
-                       staleness=staleness, dropped=not used, version=version, gen_wait_s=(t1 - t0) * share,
-                       fetch_s=(t2 - t1) * share, update_s=(t3 - t2) * share, publish_s=(t4 - t3) * share)
+                       staleness=staleness, dropped=not used and not nonfinite, nonfinite=nonfinite,
+                       version=version, gen_wait_s=(t1 - t0) * share, fetch_s=(t2 - t1) * share,
+                       update_s=(t3 - t2) * share, publish_s=(t4 - t3) * share)
         # Evaluate where sync would: after every N gradients that complete an evaluation step.
         if any(s % n == 0 and run.eval_due(s // n) for s in range(first, step + 1)):
             run.evaluate(step, epoch, samples)
@@ -380,7 +411,7 @@ def run_async(run: GenRun) -> None:
             break
         run.store.evict([str(k) for k in rows["result_key"]])
         in_flight -= len(rows)
-    run.finish(step, epoch, samples, loss, updates=version, dropped=dropped,
+    run.finish(step, epoch, samples, loss, updates=version, dropped=dropped, nonfinite_skipped=skipped,
                mean_staleness=staleness_sum / max(step, 1), max_staleness_seen=staleness_max)
 
 
@@ -424,6 +455,8 @@ def run_periodic(run: GenRun) -> None:
         run.store.evict(sent)
         sent = [str(k) for k in got.rows["result_key"]] if strategy == "gossip" else []
         t2 = time.perf_counter()
+        if got.results is not None:
+            run.screen(got.results, got.rows, end, "parameters")
         host = parent.host_params
         if strategy == "param-avg":
             average_parameters(got.results, host)
@@ -491,7 +524,7 @@ def parent_model_gen(H, persis_info, gen_specs, libE_info):
     run = GenRun(plan, gen_specs, libE_info)
     try:
         LOOPS.get(plan.config.strategy, run_periodic)(run)
-    except WorkerLost as e:
+    except RunAborted as e:
         run.abandon(str(e))
         raise
     finally:

@@ -21,6 +21,7 @@ STRATEGIES = ("sync", "async", "param-avg", "weighted-param-avg", "easgd", "goss
 # Strategies in which workers take local optimizer steps and exchange parameters every K steps.
 PERIODIC = ("param-avg", "weighted-param-avg", "easgd", "gossip")
 GOSSIP_TOPOLOGIES = ("random", "ring")
+ON_NONFINITE = ("stop", "skip")
 # EASGD's moving rate: alpha = beta / N with the paper's beta = 0.9 (Zhang et al. 2015, sec. 5).
 EASGD_BETA = 0.9
 COMMS = ("local", "mpi")
@@ -50,6 +51,7 @@ class TrainConfig:
     elastic_alpha: float | None = None  # easgd: moving rate (default EASGD_BETA / n_workers)
     max_staleness: int | None = None  # async: drop gradients more than this many updates old (default: keep all)
     gossip_topology: str | None = None  # gossip: random or ring pairings (default random)
+    on_nonfinite: str = "stop"  # a NaN/inf result: stop the run, or (sync, async) skip that contribution
     wire_dtype: str = "float32"  # element type of gradients and parameters in the store
     eval_every: int | None = None  # also evaluate every this many steps (always at epoch ends)
     seed: int = 1
@@ -127,6 +129,11 @@ class TrainConfig:
              f"overshoots (got {self.elastic_alpha})")
         need(self.max_staleness is None or self.max_staleness >= 0,
              f"--max-staleness must be at least 0 (got {self.max_staleness})")
+        need(self.on_nonfinite in ON_NONFINITE,
+             f"--on-nonfinite must be one of {', '.join(ON_NONFINITE)} (got {self.on_nonfinite!r})")
+        need(self.on_nonfinite == "stop" or self.strategy in ("sync", "async"),
+             f"--on-nonfinite skip applies only to sync and async (got --strategy {self.strategy}): "
+             "a worker whose parameters went non-finite cannot be skipped")
         need(self.gossip_topology in (None, *GOSSIP_TOPOLOGIES),
              f"--gossip-topology must be one of {', '.join(GOSSIP_TOPOLOGIES)} (got {self.gossip_topology!r})")
         # Defaults of the options that apply; easgd's alpha depends on N, which an MPI launch
@@ -217,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: use every gradient)")
     g.add_argument("--gossip-topology", choices=GOSSIP_TOPOLOGIES, default=None,
                    help="gossip: pair workers at random or along a ring (default: random)")
+    g.add_argument("--on-nonfinite", choices=ON_NONFINITE, default="stop",
+                   help="a gradient or model with NaN/inf: stop, keeping the last good parent, or "
+                        "(sync, async) skip that worker's contribution and count it (default: %(default)s)")
 
     g = p.add_argument_group("redis (default: a private server started for the run)")
     g.add_argument("--redis-host", default=None, help="use this Redis server instead (also: REDIS_URL)")

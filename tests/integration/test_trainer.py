@@ -19,7 +19,23 @@ from tests.conftest import run_cli
 
 
 def redis_servers() -> set[int]:
-    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "redis-server"}
+    """redis-servers that no Python process owns any more: what a run that leaks one leaves.
+
+    A private server is its run's child; one whose run is gone has been re-parented away from
+    any Python process. Servers of runs still going (or of this test session) do not count,
+    so the check holds on a machine running other jobs too.
+    """
+    def owned(p: psutil.Process) -> bool:
+        return any("python" in (parent.name() or "") for parent in p.parents())
+
+    servers = []
+    for p in psutil.process_iter(["name"]):
+        try:
+            if p.info["name"] == "redis-server" and not owned(p):
+                servers.append(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return set(servers)
 
 
 def redis_env(address) -> dict:

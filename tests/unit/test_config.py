@@ -90,6 +90,8 @@ def test_cli_options_reach_the_config(tmp_path):
         ({"strategy": "easgd", "elastic_alpha": 0.0}, "--elastic-alpha must be positive"),
         ({"strategy": "easgd", "n_workers": 4, "elastic_alpha": 0.3}, "at most 1/N"),
         ({"strategy": "async", "max_staleness": -1}, "--max-staleness must be at least 0"),
+        ({"strategy": "param-avg", "on_nonfinite": "skip"}, "--on-nonfinite skip applies only to sync and async"),
+        ({"on_nonfinite": "ignore"}, "--on-nonfinite must be one of"),
     ],
 )
 def test_strategy_options_are_checked(kwargs, message, tmp_path):
