@@ -2,8 +2,6 @@
 
 import shlex
 
-import pytest
-
 from libe_cnn.config import config_from_args
 from run_libe_cnn import launch_lines, main
 
