@@ -25,18 +25,6 @@ from benchmarks.baselines import run_trainer  # noqa: E402
 from libe_cnn.config import STRATEGIES  # noqa: E402
 from mnist.data import locate, read_idx, steps_per_epoch  # noqa: E402
 
-# Where each strategy comes from, for the table.
-SOURCES = {
-    "sync": "parallel SGD with gradient all-reduce (Dean et al. 2012; Goyal et al. 2017)",
-    "async": "asynchronous parameter server (Dean et al. 2012, Downpour SGD; Recht et al. 2011, Hogwild!)",
-    "param-avg": "model averaging / local SGD (McMahan et al. 2017; Stich 2019)",
-    "weighted-param-avg": "averaging with server mixing (Wang et al. 2020, SlowMo; Reddi et al. 2021)",
-    "easgd": "elastic averaging SGD (Zhang, Choromanska, LeCun 2015)",
-    "gossip": "decentralized gossip averaging (Boyd et al. 2006; Lian et al. 2017, D-PSGD)",
-    "local": "no communication: independent training, averaged at the end (one-shot averaging)",
-}
-
-
 def curve(records: list[dict]) -> list[dict]:
     return [{"samples": r["samples"], "wall_s": r["wall_s"], "test_accuracy": r["test_accuracy"]}
             for r in records if r.get("event") == "eval"]
@@ -87,7 +75,10 @@ def main() -> None:
                    help="redraw the table and plot from the saved results, without training")
     args = p.parse_args()
     if args.report_only:
-        print(report(Path(args.out) / f"strategies-n{args.n}.json"))
+        data = Path(args.out) / f"strategies-n{args.n}.json"
+        if not data.exists():
+            p.error(f"no saved results at {data}: run without --report-only first")
+        print(report(data))
         return
 
     files = locate("fashion-mnist", ROOT / "data")
@@ -105,8 +96,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = out / f"strategies-n{args.n}.json"
-    data.write_text(json.dumps({"args": vars(args), "eval_every": eval_every, "sources": SOURCES,
-                                "results": results}, indent=2) + "\n")
+    data.write_text(json.dumps({"args": vars(args), "eval_every": eval_every, "results": results}, indent=2) + "\n")
     print(report(data))
 
 
