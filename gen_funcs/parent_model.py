@@ -34,7 +34,7 @@ from gen_funcs.aggregation import (
 )
 from gen_funcs.stats import RunStats
 from libe_cnn.config import TrainConfig
-from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters
+from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters, host_array, push_host_array
 from libe_cnn.liveness import TTL_S, LivenessCheck
 from libe_cnn.plan import RunPlan, plan_from_user
 from libe_cnn.progress import Progress
@@ -80,7 +80,7 @@ class ParentModel:
         # On the CPU the math writes straight into the model's own buffers; on a GPU it
         # works on host copies, pushed to the device afterwards.
         self.host_grad = self.flat_grad.numpy() if on_cpu else np.empty(self.flat_grad.numel(), np.float32)
-        self.host_params = self.flat_params.numpy() if on_cpu else self.flat_params.cpu().numpy()
+        self.host_params = host_array(self.flat_params)
         self.optimizer = make_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr)
 
     def params_for_wire(self) -> np.ndarray:
@@ -95,8 +95,7 @@ class ParentModel:
 
     def host_params_changed(self) -> None:
         """Push host_params, just changed by the aggregation math, into the model."""
-        if self.device.type != "cpu":
-            copy_into(self.flat_params, self.host_params)
+        push_host_array(self.flat_params, self.host_params)
 
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
         return evaluate(self.model, images, labels)
@@ -360,8 +359,9 @@ def run_async(run: GenRun) -> None:
         in_flight -= len(rows)
         rows = rows[: total - step]  # results beyond the budget are not used
         t1 = time.perf_counter()
-        grads = run.fetch([str(k) for k in rows["result_key"]])
-        run.store.evict([str(k) for k in rows["result_key"]])
+        keys = [str(k) for k in rows["result_key"]]
+        grads = run.fetch(keys)
+        run.store.evict(keys)
         t2 = time.perf_counter()
         outcomes = []  # (staleness, used, non-finite) per row
         bad = run.screen(grads, rows, step + 1, "gradient")

@@ -41,6 +41,20 @@ def flatten_gradients(model: nn.Module) -> torch.Tensor:
     return flat
 
 
+def host_array(flat: torch.Tensor) -> np.ndarray:
+    """A writable host array of `flat`: its own memory on the CPU, a copy of it on a GPU.
+
+    The aggregation math runs on host arrays; `push_host_array` brings a GPU tensor up to date.
+    """
+    return flat.detach().numpy() if flat.device.type == "cpu" else flat.detach().cpu().numpy()
+
+
+def push_host_array(flat: torch.Tensor, host: np.ndarray) -> None:
+    """Copy a changed `host_array(flat)` back into `flat` (nothing to do on the CPU: same memory)."""
+    if flat.device.type != "cpu":
+        copy_into(flat, host)
+
+
 def copy_into(flat: torch.Tensor, array: np.ndarray) -> None:
     """Copy a (possibly read-only) numpy buffer into a flat tensor on any device."""
     if array.shape != (flat.numel(),):

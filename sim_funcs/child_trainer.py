@@ -20,7 +20,7 @@ from libensemble.message_numbers import EVAL_SIM_TAG, FINISHED_PERSISTENT_SIM_TA
 from libensemble.tools.persistent_support import PersistentSupport
 
 from gen_funcs.aggregation import elastic_pull, pairwise_average
-from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters
+from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters, host_array, push_host_array
 from libe_cnn.liveness import Heartbeat
 from libe_cnn.plan import RunPlan, plan_from_user
 from libe_cnn.runtime import (
@@ -84,14 +84,6 @@ class ChildWorker:
     def put(self, flat: torch.Tensor, name: str | None = None) -> str:
         return self.store.put(to_wire(flat, self.cfg.wire_dtype), name)
 
-    def host_params(self) -> np.ndarray:
-        """The parameters as a writable host array (a view of the model's on the CPU)."""
-        return self.flat_params.numpy() if self.device.type == "cpu" else self.flat_params.cpu().numpy()
-
-    def set_host_params(self, host: np.ndarray) -> None:
-        if self.device.type != "cpu":
-            copy_into(self.flat_params, host)
-
     def result_row(self, dtype, key: str, version: int, loss: float, n_samples: int, times: tuple) -> np.ndarray:
         out = np.zeros(1, dtype=dtype)
         out["result_key"] = key
@@ -153,9 +145,9 @@ def local_steps_loop(w: ChildWorker, ps: PersistentSupport, row: np.void, out_dt
         if row["peers_key"]:
             peer = int(w.store.get(str(row["peers_key"]))[w.shard])
             if peer >= 0:  # with odd N, one worker sits a round out
-                host = w.host_params()
+                host = host_array(w.flat_params)
                 pairwise_average(host, w.load_params(w.store.key(gossip_key(t, peer))))
-                w.set_host_params(host)
+                push_host_array(w.flat_params, host)
         t1 = time.perf_counter()
         n_steps, loss_sum, n_samples = int(row["n_steps"]), 0.0, 0
         for _ in range(n_steps):
@@ -170,9 +162,9 @@ def local_steps_loop(w: ChildWorker, ps: PersistentSupport, row: np.void, out_dt
         if cfg.strategy == "easgd":
             # The worker's half of the elastic exchange; the generator moves the center by
             # the same amount from the parameters just sent.
-            host = w.host_params()
+            host = host_array(w.flat_params)
             elastic_pull(host, center, cfg.easgd_alpha)
-            w.set_host_params(host)
+            push_host_array(w.flat_params, host)
         out = w.result_row(out_dtype, key, int(row["step"]), loss_sum / n_steps, n_samples,
                            (t1 - t0, t2 - t1, t3 - t2, wait_s))
         tag, _, calc_in = ps.send_recv(out)

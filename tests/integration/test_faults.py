@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mnist.model import build_model
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli
 from tests.integration.test_trainer import redis_servers
 
 DETECTION_LIMIT_S = 30
@@ -99,8 +99,6 @@ DIVERGING = ["--optimizer", "sgd", "--lr", "1e20", "--no-dropout", "--limit-trai
 
 
 def test_nonfinite_gradient_stops_the_run_keeping_the_last_good_parent(tmp_path, fashion_files):
-    from tests.conftest import run_cli
-
     run_dir = tmp_path / "run"
     result = run_cli("run_libe_cnn.py", "-n", "2", "--dataset", "fashion-mnist", *DIVERGING, "--run-dir", str(run_dir))
     assert result.returncode == 1, result.stderr[-3000:]
@@ -115,8 +113,6 @@ def test_nonfinite_gradient_stops_the_run_keeping_the_last_good_parent(tmp_path,
 
 @pytest.mark.parametrize("strategy", ["sync", "async"])
 def test_nonfinite_gradients_can_be_skipped_and_counted(tmp_path, fashion_files, strategy):
-    from tests.conftest import run_cli
-
     run_dir = tmp_path / "run"
     result = run_cli("run_libe_cnn.py", "-n", "2", "--dataset", "fashion-mnist", *DIVERGING, "--strategy", strategy,
                      "--on-nonfinite", "skip", "--run-dir", str(run_dir))
