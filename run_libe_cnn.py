@@ -24,8 +24,25 @@ from libe_cnn.errors import UserError
 
 def prepare_run_dir(path: Path) -> None:
     if path.exists() and any(path.iterdir()):
-        raise UserError(f"run directory {path} already exists and is not empty: choose another --run-dir")
+        raise UserError(f"run directory {path} already exists and is not empty: choose another --run-dir "
+                        "(or continue it with --resume)")
     path.mkdir(parents=True, exist_ok=True)
+
+
+def resume_point(plan) -> tuple[int, tuple[int, ...]]:
+    """Check that the run's checkpoint can continue under `plan`: its step and each worker's next batch."""
+    from libe_cnn.checkpoint import load_checkpoint
+
+    cfg = plan.config
+    checkpoint = load_checkpoint(Path(cfg.run_dir))
+    if checkpoint["strategy"] != cfg.strategy or len(checkpoint["positions"]) != cfg.n_workers:
+        raise UserError(f"cannot resume {cfg.run_dir}: its checkpoint is of --strategy {checkpoint['strategy']} "
+                        f"with {len(checkpoint['positions'])} workers, its config.json says otherwise")
+    total = plan.total_steps * (cfg.n_workers if cfg.strategy == "async" else 1)  # async: one step per gradient
+    if checkpoint["step"] >= total:
+        raise UserError(f"the run in {cfg.run_dir} already took its {total} steps: "
+                        "raise --epochs or --max-steps to train it further")
+    return checkpoint["step"], tuple(int(p) for p in checkpoint["positions"])
 
 
 def connect_redis(cfg: TrainConfig, stack: ExitStack):
@@ -120,13 +137,19 @@ def prepare(cfg: TrainConfig, stack: ExitStack):
 
     files = locate(cfg.dataset, cfg.data_dir)  # before any worker exists: one download at most
     plan = make_plan(cfg, files)
+    start = ""
+    if cfg.resume:
+        step, positions = resume_point(plan)
+        plan = dataclasses.replace(plan, resume_positions=positions)
+        start = f"resuming after step {step}, "
     plan = dataclasses.replace(plan, redis=connect_redis(cfg, stack))
     run_dir = Path(cfg.run_dir)
-    prepare_run_dir(run_dir)
+    if not cfg.resume:
+        prepare_run_dir(run_dir)
     cfg.save(run_dir / "config.json")
     print(json.dumps(cfg.public_dict()), file=sys.stderr)
     print(f"{cfg.n_workers} workers x {cfg.batch_size} samples, {plan.steps_per_epoch} steps/epoch, "
-          f"{plan.total_steps} steps on {plan.n_train} {cfg.dataset} samples -> {run_dir}", file=sys.stderr)
+          f"{start}{plan.total_steps} steps on {plan.n_train} {cfg.dataset} samples -> {run_dir}", file=sys.stderr)
     return plan
 
 
@@ -144,6 +167,9 @@ def train(cfg: TrainConfig) -> dict | None:
         if comm.Get_size() < 2:
             raise UserError("--comms mpi needs at least 2 ranks: mpiexec -n N+1 for N workers")
         # One rank per simulator plus the manager: the launch decides N.
+        if cfg.resume and comm.Get_size() - 1 != cfg.n_workers:
+            raise UserError(f"the run being resumed has {cfg.n_workers} workers: launch it with "
+                            f"mpiexec -n {cfg.n_workers + 1}")
         cfg = dataclasses.replace(cfg, n_workers=comm.Get_size() - 1)
     is_manager = comm is None or comm.Get_rank() == 0
     with ExitStack() as stack:

@@ -14,6 +14,7 @@ The math is in gen_funcs/aggregation.py; this module does the messaging and book
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +34,12 @@ from gen_funcs.aggregation import (
     staleness_weight,
 )
 from gen_funcs.stats import RunStats
+from libe_cnn.checkpoint import load_checkpoint, save_checkpoint
 from libe_cnn.config import TrainConfig
+from libe_cnn.errors import UserError
 from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters, host_array, push_host_array
 from libe_cnn.liveness import TTL_S, LivenessCheck
-from libe_cnn.plan import RunPlan, plan_from_user
+from libe_cnn.plan import RunPlan, gossip_key, plan_from_user, resume_key
 from libe_cnn.progress import Progress
 from libe_cnn.rundir import MetricsLog, save_json, save_state_dict
 from libe_cnn.runtime import available_cores, gpu_count, lower_manager_loop_priority, rss_mb, select_device, set_threads
@@ -103,6 +106,12 @@ class ParentModel:
     def save(self, path: Path) -> None:
         save_state_dict(path, self.model)
 
+    def restore(self, checkpoint: dict) -> None:
+        # The parameters are views of flat_params: loading copies into them in place.
+        self.model.load_state_dict(checkpoint["parent"])
+        if checkpoint["optimizer"] is not None:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+
 
 @dataclass
 class Gathered:
@@ -130,10 +139,18 @@ class GenRun:
         self.store = TensorStore(plan.redis, cfg.run_id)
         self.ps = PersistentSupport(libE_info, EVAL_GEN_TAG)
         self.liveness = LivenessCheck(plan.redis, cfg.run_id, self.n)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        # Resuming: the parent, the metrics and the clock continue from the checkpoint.
+        self.resumed = load_checkpoint(self.run_dir) if cfg.resume else None
+        if self.resumed is not None:
+            self.parent.restore(self.resumed)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl",
+                                  keep=self.resumed["metrics_lines"] if self.resumed else None)
         self.stats = RunStats()
         self.traffic_at_start = server_traffic_bytes(plan.redis)
-        self.start = time.perf_counter()
+        self.start = time.perf_counter() - (self.resumed["wall_s"] if self.resumed else 0.0)
+        self.first_step = self.resumed["step"] if self.resumed else 0
+        self.resumed_at = [*self.resumed["resumed_at"], self.first_step] if self.resumed else []
+        self.checkpointed_step: int | None = None
         self.last_eval: dict | None = None
         # async counts single gradients as steps: N per step of the others.
         self.total_steps = plan.total_steps * (self.n if cfg.strategy == "async" else 1)
@@ -141,11 +158,12 @@ class GenRun:
 
     # --- messages ---
 
-    def send(self, count: int, step: int, n_steps: int = 1, params_key: str = "", peers_key: str = "") -> None:
+    def send(self, count: int, step: int, n_steps: int = 1, params_key: str = "", peers_key: str = "",
+             checkpoint: bool = False) -> None:
         """`count` identical rows; libEnsemble hands each to a simulator that is waiting."""
         rows = np.zeros(count, dtype=self.gen_out)
         rows["params_key"], rows["peers_key"] = params_key, peers_key
-        rows["step"], rows["n_steps"] = step, n_steps
+        rows["step"], rows["n_steps"], rows["checkpoint"] = step, n_steps, checkpoint
         self.ps.send(rows)
 
     def receive(self) -> np.ndarray | None:
@@ -219,11 +237,38 @@ class GenRun:
 
     # --- bookkeeping ---
 
-    def eval_due(self, step: int) -> bool:
-        """Evaluate at every epoch end, every --eval-every steps and at the last step."""
-        every = self.cfg.eval_every
+    def _due(self, step: int, every: int | None) -> bool:
+        """At every epoch end, every `every` steps and at the last step."""
         return (step % self.plan.steps_per_epoch == 0 or step == self.plan.total_steps
                 or bool(every and step % every == 0))
+
+    def eval_due(self, step: int) -> bool:
+        return self._due(step, self.cfg.eval_every)
+
+    def checkpoint_due(self, step: int) -> bool:
+        return self._due(step, self.cfg.checkpoint_every)
+
+    def restored(self, **fresh):
+        """The loop's running values named in `fresh`: from the checkpoint when resuming."""
+        saved = {**self.resumed, **self.resumed["counters"]} if self.resumed else {}
+        return tuple(saved.get(name, value) for name, value in fresh.items())
+
+    def checkpoint(self, step: int, epoch: int, samples: int, loss: float, positions: list[int],
+                   counters: dict | None = None, workers: list[np.ndarray] | None = None) -> None:
+        """Write checkpoint.pt: the state after `step`, from which --resume continues."""
+        if self.checkpointed_step == step:
+            return
+        save_checkpoint(self.run_dir, {
+            "strategy": self.cfg.strategy, "step": step, "epoch": epoch, "samples": samples, "loss": loss,
+            "positions": list(positions), "counters": counters or {},
+            "parent": self.parent.model.state_dict(),
+            "optimizer": self.parent.optimizer.state_dict() if self.cfg.strategy in LOOPS else None,
+            "workers": [torch.from_numpy(np.array(w)) for w in workers] if workers is not None else None,
+            "rng": {"seed": self.cfg.seed, "torch": torch.get_rng_state()},
+            "metrics_lines": self.metrics.lines, "wall_s": time.perf_counter() - self.start,
+            "resumed_at": self.resumed_at,
+        })
+        self.checkpointed_step = step
 
     def record(self, rows: np.ndarray, **record) -> dict:
         """Write one metrics record, with the simulators' timings from `rows`, and show progress."""
@@ -258,8 +303,12 @@ class GenRun:
             self.evaluate(step, epoch, samples)
         wall = time.perf_counter() - self.start
         store_bytes = server_traffic_bytes(self.plan.redis) - self.traffic_at_start
+        # Traffic is counted since this process started: per step and sample of this part.
+        steps_here = max(step - self.first_step, 1)
+        samples_here = max(samples - (self.resumed["samples"] if self.resumed else 0), 1)
         cfg = self.cfg
         save_json(self.run_dir / "summary.json", {
+            "run_id": cfg.run_id,
             "strategy": cfg.strategy,
             "steps": step,
             "epochs": epoch + 1 if step else 0,
@@ -275,17 +324,30 @@ class GenRun:
             "dataset": cfg.dataset,
             "global_batch": self.n * cfg.batch_size,
             "wire_dtype": cfg.wire_dtype,
-            "store_bytes_per_step": store_bytes / max(step, 1),
-            "store_bytes_per_sample": store_bytes / max(samples, 1),
+            "store_bytes_per_step": store_bytes / steps_here,
+            "store_bytes_per_sample": store_bytes / samples_here,
+            "resumed_at_steps": self.resumed_at,
             **extra,
             "completed": step == self.total_steps,
         })
+        self.plot()
 
     def abandon(self, reason: str) -> None:
         """The run cannot go on: keep the parent as it is and say why in summary.json."""
         self.parent.save(self.run_dir / "model.pt")
-        save_json(self.run_dir / "summary.json", {"strategy": self.cfg.strategy, "completed": False, "error": reason,
+        save_json(self.run_dir / "summary.json", {"run_id": self.cfg.run_id, "strategy": self.cfg.strategy,
+                                                 "completed": False, "error": reason,
                                                  "wall_s": time.perf_counter() - self.start})
+        self.plot()
+
+    def plot(self) -> None:
+        """curves.png (and the data it shows, curves.json), drawn from metrics.jsonl."""
+        from libe_cnn.plots import write_curves  # matplotlib: only once, at the end
+
+        try:
+            write_curves([self.run_dir], self.run_dir / "curves.png")
+        except UserError:
+            pass  # no step was taken: nothing to draw
 
     def close(self) -> None:
         self.metrics.close()
@@ -296,7 +358,7 @@ class GenRun:
 def run_sync(run: GenRun) -> None:
     """Parallel SGD: every step reduces one gradient per worker into one optimizer step."""
     plan, n, parent = run.plan, run.n, run.parent
-    step, epoch, samples, loss, skipped = 0, 0, 0, float("nan"), 0
+    step, epoch, samples, loss, skipped = run.restored(step=0, epoch=0, samples=0, loss=float("nan"), skipped=0)
     params_key = run.store.put(parent.params_for_wire())
     run.send(n, step, params_key=params_key)
     while step < plan.total_steps:
@@ -326,6 +388,10 @@ def run_sync(run: GenRun) -> None:
                    publish_s=t4 - t3)
         if run.eval_due(step):
             run.evaluate(step, epoch, samples)
+        if run.checkpoint_due(step):
+            run.checkpoint(step, epoch, samples, loss, [step] * n, {"skipped": skipped})
+    # Also when the run was stopped early: every worker redoes the step it was on.
+    run.checkpoint(step, epoch, samples, loss, [step] * n, {"skipped": skipped})
     run.finish(step, epoch, samples, loss, nonfinite_skipped=skipped)
 
 
@@ -337,13 +403,19 @@ def run_async(run: GenRun) -> None:
     """
     plan, n, parent, cfg = run.plan, run.n, run.parent, run.cfg
     total = run.total_steps
-    version = 0  # optimizer steps taken by the parent
-    step, epoch, samples, loss, dropped, skipped = 0, 0, 0, float("nan"), 0, 0
-    staleness_sum = staleness_max = 0
+    # version: optimizer steps taken by the parent; positions: batches each worker has done.
+    step, epoch, samples, loss, version, positions, dropped, skipped, staleness_sum, staleness_max = run.restored(
+        step=0, epoch=0, samples=0, loss=float("nan"), version=0, positions=[0] * n, dropped=0, skipped=0,
+        staleness_sum=0, staleness_max=0)
+    positions = list(positions)
     # Parameter versions sent and not yet loaded by every worker they went to: [key, workers].
-    outstanding: dict[int, list] = {0: [run.store.put(parent.params_for_wire()), n]}
-    run.send(n, version, params_key=outstanding[0][0])
+    outstanding: dict[int, list] = {version: [run.store.put(parent.params_for_wire()), n]}
+    run.send(n, version, params_key=outstanding[version][0])
     in_flight = n  # rows sent and not yet answered
+
+    def async_counters() -> dict:
+        return {"version": version, "dropped": dropped, "skipped": skipped,
+                "staleness_sum": staleness_sum, "staleness_max": staleness_max}
 
     def loaded(v: int) -> None:
         """A worker has answered from version v, so it has loaded it."""
@@ -376,6 +448,7 @@ def run_async(run: GenRun) -> None:
             else:
                 dropped += 1
             loaded(int(row["version"]))
+            positions[int(row["shard"])] += 1
             staleness_sum += staleness
             staleness_max = max(staleness_max, staleness)
             outcomes.append((staleness, used, i in bad))
@@ -400,9 +473,11 @@ def run_async(run: GenRun) -> None:
                        staleness=staleness, dropped=not used and not nonfinite, nonfinite=nonfinite,
                        version=version, gen_wait_s=(t1 - t0) * share, fetch_s=(t2 - t1) * share,
                        update_s=(t3 - t2) * share, publish_s=(t4 - t3) * share)
-        # Evaluate where sync would: after every N gradients that complete an evaluation step.
+        # Evaluate and checkpoint where sync would: after every N gradients that complete such a step.
         if any(s % n == 0 and run.eval_due(s // n) for s in range(first, step + 1)):
             run.evaluate(step, epoch, samples)
+        if any(s % n == 0 and run.checkpoint_due(s // n) for s in range(first, step + 1)):
+            run.checkpoint(step, epoch, samples, loss, positions, async_counters())
     # Wait for the gradients still being computed, as sync does: libEnsemble may start the
     # generator again if it ends while simulators are busy. They are not applied.
     while step == total and in_flight > 0:
@@ -411,6 +486,8 @@ def run_async(run: GenRun) -> None:
             break
         run.store.evict([str(k) for k in rows["result_key"]])
         in_flight -= len(rows)
+    # Gradients in flight when the run was stopped are computed again after a resume.
+    run.checkpoint(step, epoch, samples, loss, positions, async_counters())
     run.finish(step, epoch, samples, loss, updates=version, dropped=dropped, nonfinite_skipped=skipped,
                mean_staleness=staleness_sum / max(step, 1), max_staleness_seen=staleness_max)
 
@@ -427,22 +504,40 @@ def run_periodic(run: GenRun) -> None:
     local               no exchange; the parent is the workers' mean; at the end the best
                         single worker is evaluated too
     Rounds last --sync-period steps (local: until the next evaluation), cut short at every
-    evaluation point so that all strategies are evaluated at the same steps.
+    evaluation point, so that all strategies are evaluated at the same steps, and at every
+    checkpoint, where the workers send their own state too.
     """
     plan, n, parent, cfg = run.plan, run.n, run.parent, run.cfg
     strategy = cfg.strategy
-    step, epoch, samples, loss, exchanges = 0, 0, 0, float("nan"), 0
+    step, epoch, samples, loss, exchanges = run.restored(step=0, epoch=0, samples=0, loss=float("nan"), exchanges=0)
 
     def round_length(start: int) -> int:
         end = start + 1
         limit = plan.total_steps if strategy == "local" else min(start + cfg.sync_period, plan.total_steps)
-        while end < limit and not run.eval_due(end):
+        while end < limit and not (run.eval_due(end) or run.checkpoint_due(end)):
             end += 1
         return end - start
 
-    n_steps = round_length(0)
-    sent = [run.store.put(parent.params_for_wire())]  # everyone starts from the parent
-    run.send(n, 0, n_steps, params_key=sent[0])
+    def start_round(start: int) -> tuple[int, list[str]]:
+        """Send every worker its next round; returns the round's length and the keys put for it."""
+        nonlocal exchanges
+        n_steps = round_length(start)
+        round_rows = {"step": start, "n_steps": n_steps, "checkpoint": run.checkpoint_due(start + n_steps)}
+        key = None
+        if start > 0 and strategy == "gossip":
+            key = run.store.put(gossip_pairing(n, exchanges, cfg.seed, cfg.gossip_topology))
+            run.send(n, peers_key=key, **round_rows)
+        elif start > 0 and strategy == "local":
+            run.send(n, **round_rows)
+        else:  # at the start everyone gets the parent; param-avg and the like, every round
+            key = run.store.put(parent.params_for_wire())
+            run.send(n, params_key=key, **round_rows)
+        exchanges += start > 0 and strategy != "local"
+        return n_steps, [key] if key else []
+
+    sent = put_worker_states(run, step) if run.resumed else []
+    n_steps, keys = start_round(step)
+    sent += keys
     while step < plan.total_steps:
         end = step + n_steps
         evaluate_now = run.eval_due(end)
@@ -469,18 +564,10 @@ def run_periodic(run: GenRun) -> None:
         parent.host_params_changed()
         t3 = time.perf_counter()
         step = end
+        counters = {"exchanges": exchanges}  # what the next round starts from, for a checkpoint
         if step < plan.total_steps:
-            n_steps = round_length(step)
-            if strategy == "gossip":
-                pairing = gossip_pairing(n, exchanges, cfg.seed, cfg.gossip_topology)
-                sent.append(run.store.put(pairing))
-                run.send(n, step, n_steps, peers_key=sent[-1])
-            elif strategy == "local":
-                run.send(n, step, n_steps)
-            else:
-                sent.append(run.store.put(parent.params_for_wire()))
-                run.send(n, step, n_steps, params_key=sent[-1])
-            exchanges += strategy != "local"
+            n_steps, keys = start_round(step)
+            sent += keys
         t4 = time.perf_counter()
         epoch = (step - 1) // plan.steps_per_epoch
         samples += int(got.rows["n_samples"].sum())
@@ -493,8 +580,25 @@ def run_periodic(run: GenRun) -> None:
                 # Each worker's own model too, once: N more evaluations.
                 extra = worker_accuracies(run, got.results)
             run.evaluate(step, epoch, samples, **extra)
+        if run.checkpoint_due(step):  # the workers sent their state with this round's rows
+            state_keys = [str(k) for k in got.rows["state_key"]]
+            states = run.store.get_many(state_keys)
+            run.store.evict(state_keys)
+            run.checkpoint(step, epoch, samples, loss, [step] * n, counters, workers=states)
+    # A run stopped mid-round keeps its last checkpoint: the workers' states are not here.
     run.store.evict(sent)
     run.finish(step, epoch, samples, loss, exchanges=exchanges)
+
+
+def put_worker_states(run: GenRun, step: int) -> list[str]:
+    """Resuming: each worker's own state, and (gossip) the parameters its first peer reads."""
+    keys = []
+    n_params = run.parent.flat_params.numel()
+    for shard, state in enumerate(run.resumed["workers"]):
+        keys.append(run.store.put(state.numpy(), resume_key(shard)))
+        if run.cfg.strategy == "gossip":
+            keys.append(run.store.put(to_wire(state[:n_params], run.cfg.wire_dtype), gossip_key(step, shard)))
+    return keys
 
 
 def worker_accuracies(run: GenRun, models: list[np.ndarray]) -> dict:
@@ -517,7 +621,8 @@ LOOPS = {"sync": run_sync, "async": run_async}
 
 def parent_model_gen(H, persis_info, gen_specs, libE_info):
     plan = plan_from_user(gen_specs["user"])
-    if (Path(plan.config.run_dir) / "summary.json").exists():
+    summary = Path(plan.config.run_dir) / "summary.json"
+    if summary.exists() and json.loads(summary.read_text()).get("run_id") == plan.config.run_id:
         # libEnsemble restarts a generator that ended while simulators were still busy;
         # fail loudly rather than start the run over on top of its own results.
         raise RuntimeError("the generator was started a second time after the run had finished")

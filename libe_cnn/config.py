@@ -54,6 +54,7 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # a NaN/inf result: stop the run, or (sync, async) skip that contribution
     wire_dtype: str = "float32"  # element type of gradients and parameters in the store
     eval_every: int | None = None  # also evaluate every this many steps (always at epoch ends)
+    checkpoint_every: int | None = None  # also checkpoint every this many steps (always at epoch ends and the end)
     seed: int = 1
     dropout: bool = True  # off only for exact comparisons (parity tests)
     device: str = "auto"  # simulators' device; auto: a GPU per simulator by local rank, else CPU
@@ -66,6 +67,7 @@ class TrainConfig:
     # --- output ---
     run_dir: str | None = None  # default runs/<timestamp>
     run_id: str = ""  # namespaces this run's store keys; generated when empty
+    resume: bool = False  # continue the run in run_dir from its checkpoint
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -84,6 +86,7 @@ class TrainConfig:
         need(self.wire_dtype in WIRE_DTYPES,
              f"--wire-dtype must be one of {', '.join(WIRE_DTYPES)} (got {self.wire_dtype!r})")
         need(self.eval_every is None or self.eval_every >= 1, "--eval-every must be at least 1")
+        need(self.checkpoint_every is None or self.checkpoint_every >= 1, "--checkpoint-every must be at least 1")
         self._check_strategy(need)
         need(self.redis_port is None or 0 < self.redis_port < 65536,
              f"--redis-port must be 1-65535 (got {self.redis_port})")
@@ -240,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("output")
     g.add_argument("--run-dir", default=None, help="where to write the run (default: runs/<timestamp>)")
+    g.add_argument("--checkpoint-every", type=int, default=None, metavar="K",
+                   help="also write checkpoint.pt every K steps (always at each epoch end and at the end)")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue a stopped run from its checkpoint, in place; only the options "
+                        f"{', '.join(RESUME_OPTIONS)} may change")
     g.add_argument("--print-launch", action="store_true",
                    help="print the command lines that run these options on two nodes, and exit")
     return p
@@ -253,11 +261,20 @@ def parse_redis_url(url: str) -> tuple[str, int, str | None]:
     return parsed.hostname, parsed.port or 6379, parsed.password
 
 
+# What may differ when a run is resumed: how long it trains, how often it reports, and
+# where it runs. Everything else would make the resumed run a different experiment.
+RESUME_OPTIONS = ("--epochs", "--max-steps", "--eval-every", "--checkpoint-every", "--on-nonfinite", "--device",
+                  "--gen-device", "--comms", "--redis-host", "--redis-port", "--redis-bind", "--redis-password")
+
+
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse the command line (and REDIS_URL) into a checked TrainConfig."""
-    args = build_parser().parse_args(argv)
-    values = vars(args)
+    parser = build_parser()
+    values = vars(parser.parse_args(argv))
     del values["print_launch"]  # an action, not part of a run's configuration
+    resume = values.pop("resume")
+    if resume is not None:
+        values = resumed_values(resume, given_options(parser, argv))
     url = os.environ.get("REDIS_URL")
     if url and values["redis_host"] is None and values["redis_bind"] is None:
         host, port, password = parse_redis_url(url)
@@ -267,3 +284,41 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     if values["redis_password"] is None and values["redis_host"] is not None:
         values["redis_password"] = os.environ.get("REDISCLI_AUTH")
     return TrainConfig(**values)
+
+
+def given_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict:
+    """Only the options present on the command line, by destination, with their values."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
+def resumed_values(run_dir: str, given: dict) -> dict:
+    """The saved configuration of the run in `run_dir`, with the options that may change."""
+    saved_path = Path(run_dir) / "config.json"
+    if not saved_path.is_file():
+        raise UserError(f"cannot resume {run_dir}: it has no config.json (is it a run directory?)")
+    try:
+        values = json.loads(saved_path.read_text())
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        if not isinstance(values, dict) or not set(values) <= known:
+            raise ValueError("unexpected fields")
+    except ValueError as e:
+        raise UserError(f"cannot resume {run_dir}: {saved_path} is not a configuration this tool wrote ({e})") from None
+    allowed = {option.removeprefix("--").replace("-", "_") for option in RESUME_OPTIONS}
+    if "run_dir" in given and Path(given.pop("run_dir")).resolve() != Path(run_dir).resolve():
+        raise UserError("--run-dir and --resume name different directories: give only --resume RUN_DIR")
+    for dest, value in given.items():
+        if dest in ("resume", "print_launch"):
+            continue
+        if dest not in allowed and value != values.get(dest):
+            flag = "-n" if dest == "n_workers" else "--" + dest.replace("_", "-")
+            raise UserError(f"{flag} cannot change when resuming (the run has {values.get(dest)}); "
+                            f"only {', '.join(RESUME_OPTIONS)} can: start a new run to change it")
+        values[dest] = value
+    if "redis_host" in given or "redis_bind" in given:  # a new choice of server replaces the saved one
+        for name in ("redis_host", "redis_bind", "redis_port"):
+            values[name] = given.get(name)
+    # The password was never saved; the run id names a new session in the store.
+    values.update(redis_password=given.get("redis_password"), run_id="", run_dir=run_dir, resume=True)
+    return values

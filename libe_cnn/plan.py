@@ -17,9 +17,11 @@ GEN_OUT = [
     ("peers_key", KEY_DTYPE),  # gossip: the round's pairing; empty: none
     ("step", int),  # parameter version (sync, async) or local steps done so far (the others)
     ("n_steps", int),  # local steps to take before answering
+    ("checkpoint", bool),  # periodic strategies: also send your own state for a checkpoint
 ]
 SIM_OUT = [
     ("result_key", KEY_DTYPE),  # the worker's gradient (sync, async) or its parameters (the others)
+    ("state_key", KEY_DTYPE),  # when asked for a checkpoint: its parameters and optimizer state
     ("version", int),  # the `step` of the row this result answers
     ("loss", float),
     ("n_samples", int),
@@ -33,6 +35,16 @@ SIM_OUT = [
 ]
 
 
+def gossip_key(step: int, shard: int) -> str:
+    """Where a gossiping worker leaves its parameters after `step` local steps for its peer."""
+    return f"gossip-{step}-{shard}"
+
+
+def resume_key(shard: int) -> str:
+    """Where a resumed run leaves a worker's own state (periodic strategies) for it to load."""
+    return f"resume-{shard}"
+
+
 @dataclass(frozen=True)
 class RunPlan:
     config: TrainConfig
@@ -41,6 +53,8 @@ class RunPlan:
     n_train: int  # training samples used (after --limit-train)
     steps_per_epoch: int
     total_steps: int
+    # Resuming: each worker's next batch (from the checkpoint); None for a fresh start.
+    resume_positions: tuple[int, ...] | None = None
 
 
 def check_dataset(files: DatasetFiles) -> int:
@@ -88,4 +102,5 @@ def plan_from_user(user: dict) -> RunPlan:
         n_train=plan["n_train"],
         steps_per_epoch=plan["steps_per_epoch"],
         total_steps=plan["total_steps"],
+        resume_positions=plan["resume_positions"] and tuple(plan["resume_positions"]),
     )

@@ -39,13 +39,23 @@ def save_state_dict(path: Path, module: torch.nn.Module) -> None:
 
 
 class MetricsLog:
-    """Appends one JSON object per line; flushed per line so a crash loses nothing written."""
+    """Appends one JSON object per line; flushed per line so a crash loses nothing written.
 
-    def __init__(self, path: Path) -> None:
+    `keep` (when resuming) first cuts the file to its first `keep` lines: the records after
+    the checkpoint describe steps that are about to be taken again.
+    """
+
+    def __init__(self, path: Path, keep: int | None = None) -> None:
+        self.lines = 0
+        if keep is not None:
+            kept = Path(path).read_text().splitlines(keepends=True)[:keep]
+            atomic_write(path, lambda f: f.write("".join(kept)), binary=False)
+            self.lines = len(kept)
         self._file = open(path, "a", buffering=1)
 
     def write(self, **record: Any) -> None:
         self._file.write(json.dumps(record) + "\n")
+        self.lines += 1
 
     def close(self) -> None:
         self._file.close()

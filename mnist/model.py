@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,3 +63,36 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, fused=True)
     raise ValueError(f"unknown optimizer {name!r}")
+
+
+# Each optimizer's per-parameter state, in the order `optimizer_state_vector` packs it: a
+# worker's optimizer travels to a checkpoint through the store as one plain float32 array.
+OPTIMIZER_STATE = {"adam": ("step", "exp_avg", "exp_avg_sq"), "adadelta": ("step", "square_avg", "acc_delta"),
+                   "sgd": ("momentum_buffer",)}
+
+
+def optimizer_state_vector(optimizer: torch.optim.Optimizer, name: str) -> np.ndarray:
+    """Every per-parameter state of an optimizer that has stepped, as one float32 vector."""
+    parts = []
+    for p in optimizer.param_groups[0]["params"]:
+        state = optimizer.state[p]
+        parts += [state[field].detach().reshape(-1).to("cpu", torch.float32) for field in OPTIMIZER_STATE[name]]
+    return torch.cat(parts).numpy()
+
+
+def load_optimizer_state_vector(optimizer: torch.optim.Optimizer, name: str, vector: np.ndarray) -> None:
+    """Restore the state `optimizer_state_vector` packed (into an optimizer on the same model)."""
+    params, fields = optimizer.param_groups[0]["params"], OPTIMIZER_STATE[name]
+    size = sum(1 if field == "step" else p.numel() for p in params for field in fields)
+    if len(vector) != size:
+        raise ValueError(f"an optimizer state of {len(vector)} values does not fit {name} on this model ({size})")
+    state, offset = {}, 0
+    for i, p in enumerate(params):
+        state[i] = {}
+        for field in fields:
+            n = 1 if field == "step" else p.numel()
+            part = torch.from_numpy(np.array(vector[offset : offset + n], dtype=np.float32))
+            state[i][field] = part.reshape(()) if field == "step" else part.view_as(p)
+            offset += n
+    # load_state_dict puts each tensor where this optimizer keeps it (device, dtype).
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})

@@ -22,7 +22,7 @@ from libensemble.tools.persistent_support import PersistentSupport
 from gen_funcs.aggregation import elastic_pull, pairwise_average
 from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters, host_array, push_host_array
 from libe_cnn.liveness import Heartbeat
-from libe_cnn.plan import RunPlan, plan_from_user
+from libe_cnn.plan import RunPlan, gossip_key, plan_from_user, resume_key
 from libe_cnn.runtime import (
     available_cores,
     gpu_count,
@@ -35,12 +35,7 @@ from libe_cnn.runtime import (
 from libe_cnn.store import TensorStore
 from libe_cnn.wire import from_wire, to_wire
 from mnist.data import epoch_order, load_shard
-from mnist.model import Net, make_optimizer
-
-
-def gossip_key(step: int, shard: int) -> str:
-    """Where a gossiping worker leaves its parameters after `step` local steps for its peer."""
-    return f"gossip-{step}-{shard}"
+from mnist.model import Net, load_optimizer_state_vector, make_optimizer, optimizer_state_vector
 
 
 class ChildWorker:
@@ -51,7 +46,6 @@ class ChildWorker:
         self.plan, self.cfg, self.shard = plan, cfg, shard
         set_threads(threads_per_worker(available_cores(), cfg.n_workers))
         self.device = torch.device(select_device(cfg.device, local_rank(default=shard), gpu_count()))
-        torch.manual_seed(cfg.seed * 7919 + shard + 1)  # dropout masks differ per worker
         images, labels = load_shard(plan.files, plan.n_train, cfg.n_workers, shard, cfg.seed)
         self.images, self.labels = images.to(self.device), labels.to(self.device)
         self._orders: dict[int, np.ndarray] = {}
@@ -59,6 +53,8 @@ class ChildWorker:
         self.flat_params = flatten_parameters(self.model)
         self.flat_grad = flatten_gradients(self.model)
         self.store = TensorStore(plan.redis, cfg.run_id)
+        # The batch this worker trains on first: 0, or where a resumed run left off.
+        self.first_batch = plan.resume_positions[shard] if plan.resume_positions else 0
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The worker's batch number `step`, counted from the start of training."""
@@ -70,8 +66,11 @@ class ChildWorker:
         pos = torch.from_numpy(self._orders[epoch][b * size : (b + 1) * size]).to(self.device)
         return self.images[pos], self.labels[pos]
 
-    def gradient(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Forward and backward once; the gradient lands in flat_grad."""
+    def gradient(self, x: torch.Tensor, y: torch.Tensor, t: int) -> float:
+        """Forward and backward once on batch number `t`; the gradient lands in flat_grad."""
+        # Dropout masks are drawn from (seed, worker, batch): they differ between workers, and
+        # a resumed run draws the same ones as an uninterrupted run.
+        torch.manual_seed((self.cfg.seed * 1_000_003 + self.shard) * 1_000_003 + t)
         self.flat_grad.zero_()
         loss = F.nll_loss(self.model(x), y)
         loss.backward()
@@ -84,9 +83,10 @@ class ChildWorker:
     def put(self, flat: torch.Tensor, name: str | None = None) -> str:
         return self.store.put(to_wire(flat, self.cfg.wire_dtype), name)
 
-    def result_row(self, dtype, key: str, version: int, loss: float, n_samples: int, times: tuple) -> np.ndarray:
+    def result_row(self, dtype, key: str, version: int, loss: float, n_samples: int, times: tuple,
+                   state_key: str = "") -> np.ndarray:
         out = np.zeros(1, dtype=dtype)
-        out["result_key"] = key
+        out["result_key"], out["state_key"] = key, state_key
         out["version"] = version
         out["loss"] = loss
         out["n_samples"] = n_samples
@@ -98,7 +98,7 @@ class ChildWorker:
 
 def gradient_loop(w: ChildWorker, ps: PersistentSupport, row: np.void, out_dtype) -> None:
     """sync and async: load the parameters named, send back one gradient, repeat."""
-    t = 0  # batches done by this worker
+    t = w.first_batch  # batches done by this worker
     prepared, x, y = t, *w.batch(t)
     wait_s = 0.0  # time blocked waiting for the previous answer
     while True:
@@ -109,7 +109,7 @@ def gradient_loop(w: ChildWorker, ps: PersistentSupport, row: np.void, out_dtype
         if prepared != t:
             x, y = w.batch(t)
         t1 = time.perf_counter()
-        loss = w.gradient(x, y)
+        loss = w.gradient(x, y, t)
         t2 = time.perf_counter()
         key = w.put(w.flat_grad)
         t3 = time.perf_counter()
@@ -130,7 +130,13 @@ def local_steps_loop(w: ChildWorker, ps: PersistentSupport, row: np.void, out_dt
     # Each worker keeps its own optimizer state across exchanges, as in local SGD.
     optimizer = make_optimizer(cfg.optimizer, w.model.parameters(), cfg.lr)
     center = None  # easgd: the center this round's pull goes toward
-    t = 0  # local steps done by this worker
+    t = w.first_batch  # local steps done by this worker
+    if w.plan.resume_positions is not None:
+        # Its parameters and optimizer state from the checkpoint, as the generator left them.
+        state = w.store.get(w.store.key(resume_key(w.shard)))
+        n_params = w.flat_params.numel()
+        copy_into(w.flat_params, state[:n_params])
+        load_optimizer_state_vector(optimizer, cfg.optimizer, state[n_params:])
     wait_s = 0.0
     while True:
         t0 = time.perf_counter()
@@ -152,7 +158,7 @@ def local_steps_loop(w: ChildWorker, ps: PersistentSupport, row: np.void, out_dt
         n_steps, loss_sum, n_samples = int(row["n_steps"]), 0.0, 0
         for _ in range(n_steps):
             x, y = w.batch(t)
-            loss_sum += w.gradient(x, y)
+            loss_sum += w.gradient(x, y, t)
             optimizer.step()
             n_samples += len(y)
             t += 1
@@ -165,8 +171,13 @@ def local_steps_loop(w: ChildWorker, ps: PersistentSupport, row: np.void, out_dt
             host = host_array(w.flat_params)
             elastic_pull(host, center, cfg.easgd_alpha)
             push_host_array(w.flat_params, host)
+        state_key = ""
+        if row["checkpoint"]:
+            # Everything this worker carries into the next round, in float32 whatever the wire.
+            state = [host_array(w.flat_params), optimizer_state_vector(optimizer, cfg.optimizer)]
+            state_key = w.store.put(np.concatenate(state))
         out = w.result_row(out_dtype, key, int(row["step"]), loss_sum / n_steps, n_samples,
-                           (t1 - t0, t2 - t1, t3 - t2, wait_s))
+                           (t1 - t0, t2 - t1, t3 - t2, wait_s), state_key)
         tag, _, calc_in = ps.send_recv(out)
         wait_s = time.perf_counter() - t3
         if tag in (STOP_TAG, PERSIS_STOP):

@@ -23,7 +23,7 @@ DETECTION_LIMIT_S = 30
 def start_run(run_dir, *options: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "run_libe_cnn.py", "-n", "2", "--dataset", "fashion-mnist", "--max-steps", "5000",
-         "--eval-every", "5", "--run-dir", str(run_dir), *options],
+         "--eval-every", "5", "--checkpoint-every", "5", "--run-dir", str(run_dir), *options],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
 
@@ -62,6 +62,15 @@ def model_is_intact(run_dir) -> None:
     build_model(0).load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
 
 
+def last_checkpoint_step(run_dir) -> int:
+    """The step of checkpoint.pt: one the run reached, with a complete parent."""
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    build_model(0).load_state_dict(checkpoint["parent"])
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < checkpoint["step"] <= max(steps), checkpoint["step"]
+    return checkpoint["step"]
+
+
 def test_a_killed_simulator_ends_the_run_naming_the_worker(tmp_path, fashion_files):
     servers_before = redis_servers()
     run_dir = tmp_path / "run"
@@ -78,6 +87,11 @@ def test_a_killed_simulator_ends_the_run_naming_the_worker(tmp_path, fashion_fil
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["completed"] is False and "stopped responding" in summary["error"]
     assert redis_servers() <= servers_before
+    # Nothing is lost: the run continues from its last checkpoint.
+    step = last_checkpoint_step(run_dir)
+    result = run_cli("run_libe_cnn.py", "--resume", str(run_dir), "--max-steps", str(step + 2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == step + 2
 
 
 def test_a_killed_redis_server_ends_the_run(tmp_path, fashion_files):
@@ -91,6 +105,7 @@ def test_a_killed_redis_server_ends_the_run(tmp_path, fashion_files):
     error = ends_fast_and_clean(proc, killed_at, everyone)
     assert "Redis" in error, error
     model_is_intact(run_dir)
+    last_checkpoint_step(run_dir)
 
 
 # SGD at this learning rate blows the weights up in one step: from the second step on, every

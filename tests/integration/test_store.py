@@ -89,6 +89,8 @@ def test_private_server_requires_its_password_and_stops():
         RedisAddress(address.host, address.port, None).client().set("k", "v")
     process = server.process
     assert address.client().ping()
+    assert address.client().config_get("protected-mode") == {"protected-mode": "yes"}
+    assert address.client().config_get("bind")["bind"] == "127.0.0.1"
     server.stop()
     assert process.poll() is not None
     with pytest.raises(ConnectionRefusedError):

@@ -50,7 +50,8 @@ def test_end_to_end_with_private_redis(tmp_path, fashion_files):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test accuracy" in result.stdout
 
-    expected = {"config.json", "metrics.jsonl", "model.pt", "summary.json", "ensemble.log", "libE_stats.txt"}
+    expected = {"config.json", "metrics.jsonl", "model.pt", "checkpoint.pt", "summary.json", "curves.png",
+                "curves.json", "ensemble.log", "libE_stats.txt"}
     names = {p.name for p in run_dir.iterdir()}
     assert expected <= names, names
     assert any(n.startswith("libE_history") and n.endswith(".npy") for n in names)
@@ -69,6 +70,11 @@ def test_end_to_end_with_private_redis(tmp_path, fashion_files):
     assert all({"step", "epoch", "loss", "samples", "wall_s"} <= r.keys() for r in steps)
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert evals and 0 <= evals[-1]["test_accuracy"] <= 1 and evals[-1]["step"] == 40
+    # The learning curves: a real PNG, with the data it shows beside it.
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    [curves] = json.loads((run_dir / "curves.json").read_text())["runs"]
+    assert curves["train"]["step"] == list(range(1, 41))
+    assert curves["eval"]["test_accuracy"][-1] == evals[-1]["test_accuracy"]
 
     state = torch.load(run_dir / "model.pt", weights_only=True)
     model = build_model(0)

@@ -129,3 +129,30 @@ def test_redis_choices(tmp_path, monkeypatch):
     # A private server asked for explicitly wins over REDIS_URL in the environment.
     monkeypatch.setenv("REDIS_URL", "redis://:pw@example.org:7000/0")
     assert config_from_args(["--redis-bind", "127.0.0.1", *run]).redis_host is None
+
+
+def test_resume_takes_the_saved_config_and_only_the_options_that_may_change(tmp_path, monkeypatch):
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    original = config_from_args(["-n", "3", "--lr", "0.01", "--strategy", "easgd", "--redis-host", "h",
+                                 "--redis-port", "7000", "--redis-password", "pw", "--run-dir", str(run_dir)])
+    original.save(run_dir / "config.json")
+
+    resumed = config_from_args(["--resume", str(run_dir), "--epochs", "3", "--lr", "0.01"])  # lr as it was
+    assert resumed.resume and resumed.epochs == 3 and (resumed.n_workers, resumed.lr) == (3, 0.01)
+    assert resumed.strategy == "easgd" and resumed.run_dir == str(run_dir)
+    assert resumed.run_id != original.run_id  # a new session in the store
+    assert (resumed.redis_host, resumed.redis_port, resumed.redis_password) == ("h", 7000, None)  # never saved
+    monkeypatch.setenv("REDISCLI_AUTH", "pw")
+    assert config_from_args(["--resume", str(run_dir)]).redis_password == "pw"
+    moved = config_from_args(["--resume", str(run_dir), "--redis-bind", "127.0.0.1"])
+    assert (moved.redis_host, moved.redis_port, moved.redis_bind) == (None, None, "127.0.0.1")
+
+    with pytest.raises(UserError, match="--lr cannot change when resuming"):
+        config_from_args(["--resume", str(run_dir), "--lr", "0.1"])
+    with pytest.raises(UserError, match="--sync-period cannot change"):
+        config_from_args(["--resume", str(run_dir), "--sync-period", "8"])
+    (run_dir / "config.json").write_text('{"lr": 0.1, "colour": "red"}')
+    with pytest.raises(UserError, match="not a configuration this tool wrote"):
+        config_from_args(["--resume", str(run_dir)])

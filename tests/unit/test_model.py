@@ -1,7 +1,16 @@
+import pytest
 import torch
 
 from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters
-from mnist.model import Net, build_model, evaluate
+from mnist.model import (
+    OPTIMIZER_STATE,
+    Net,
+    build_model,
+    evaluate,
+    load_optimizer_state_vector,
+    make_optimizer,
+    optimizer_state_vector,
+)
 
 
 def test_output_shape_and_log_probabilities():
@@ -73,3 +82,32 @@ def test_evaluate_on_known_labels():
     loss, acc = evaluate(model.train(), x, y, batch_size=7)
     assert acc == 1.0 and loss > 0
     assert model.training  # evaluate restores the mode
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZER_STATE))
+def test_optimizer_state_vector_restores_the_optimizer_exactly(name):
+    """A worker's optimizer state, packed into one vector and loaded into a fresh optimizer."""
+    def stepped_model():
+        model = build_model(0)
+        return model, flatten_parameters(model), flatten_gradients(model)
+
+    model, params, grad = stepped_model()
+    optimizer = make_optimizer(name, model.parameters(), 1e-2)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        grad.copy_(torch.randn(grad.shape, generator=generator))
+        optimizer.step()
+    assert set(optimizer.state[next(model.parameters())]) == set(OPTIMIZER_STATE[name])
+    vector = optimizer_state_vector(optimizer, name)
+
+    copy, copy_params, copy_grad = stepped_model()
+    copy_params.copy_(params)
+    copy_optimizer = make_optimizer(name, copy.parameters(), 1e-2)
+    load_optimizer_state_vector(copy_optimizer, name, vector)
+    next_grad = torch.randn(grad.shape, generator=generator)
+    for g, o in ((grad, optimizer), (copy_grad, copy_optimizer)):
+        g.copy_(next_grad)
+        o.step()
+    assert torch.equal(params, copy_params)  # a fresh optimizer would have stepped differently
+    with pytest.raises(ValueError, match="does not fit"):
+        load_optimizer_state_vector(copy_optimizer, name, vector[:-1])

@@ -37,3 +37,17 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     readme = (ROOT / "README.md").read_text()
     assert "make test" in ci and "make test" in readme and "make run" in readme
+
+
+def test_nothing_on_the_tensor_path_unpickles_or_flushes():
+    """The store's payloads are decoded by the raw codec only, and a run never empties a database."""
+    forbidden = re.compile(r"^\s*(import pickle|from pickle)|pickle\.loads?\(|allow_pickle\s*=\s*True|"
+                           r"\.flushdb\(|\.flushall\(|deserializer\s*=\s*None", re.M)
+    sources = [p for package in ("libe_cnn", "gen_funcs", "sim_funcs", "mnist") for p in (ROOT / package).rglob("*.py")]
+    assert sources
+    offending = [str(p.relative_to(ROOT)) for p in sources + [ROOT / "run_libe_cnn.py"] if forbidden.search(p.read_text())]
+    assert offending == []
+    # torch.load (a pickle reader) reads only the run's own checkpoint, and only tensors.
+    loads = re.compile(r"torch\.load\(([^)]*)\)")
+    calls = [call for p in sources for call in loads.findall(p.read_text())]
+    assert calls and all("weights_only=True" in call for call in calls)

@@ -1,0 +1,52 @@
+import json
+
+import pytest
+import torch
+
+from libe_cnn.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from libe_cnn.errors import UserError
+from libe_cnn.rundir import MetricsLog, atomic_write
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"old")
+
+    def fail(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        atomic_write(path, fail)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_metrics_log_resumes_after_the_checkpointed_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path)
+    for step in range(1, 6):
+        log.write(step=step)
+    assert log.lines == 5
+    log.close()
+    log = MetricsLog(path, keep=3)  # steps 4 and 5 came after the checkpoint: they are redone
+    log.write(step=4)
+    log.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+    assert log.lines == 4
+
+
+def test_checkpoint_round_trip_and_damage(tmp_path):
+    state = {"step": 7, "positions": [7, 7], "parent": {"w": torch.arange(4.0)}, "loss": float("nan")}
+    save_checkpoint(tmp_path, state)
+    loaded = load_checkpoint(tmp_path)
+    assert loaded["step"] == 7 and loaded["positions"] == [7, 7] and torch.equal(loaded["parent"]["w"], torch.arange(4.0))
+    path = tmp_path / CHECKPOINT
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(UserError, match="unreadable"):
+        load_checkpoint(tmp_path)
+    torch.save({"format": 99}, path)
+    with pytest.raises(UserError, match="not a checkpoint of format"):
+        load_checkpoint(tmp_path)
+    path.unlink()
+    with pytest.raises(UserError, match="has no checkpoint.pt"):
+        load_checkpoint(tmp_path)
