@@ -14,7 +14,15 @@ from urllib.parse import urlparse
 
 from libe_cnn.errors import UserError
 
-DATASETS = ("mnist", "fashion-mnist")
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "iris")
+# Training defaults that suit each dataset; an option given on the command line wins.
+# Iris is 120 training flowers: small batches, a larger step and many epochs, still seconds.
+TRAINING_DEFAULTS = {"epochs": 1, "batch_size": 64, "lr": 1e-3}
+DATASET_DEFAULTS = {"iris": {"epochs": 50, "batch_size": 8, "lr": 1e-2}}
+
+
+def training_defaults(dataset: str) -> dict:
+    return {**TRAINING_DEFAULTS, **DATASET_DEFAULTS.get(dataset, {})}
 OPTIMIZERS = ("adam", "adadelta", "sgd")
 REDUCTIONS = ("sum", "mean")
 STRATEGIES = ("sync", "async", "param-avg", "weighted-param-avg", "easgd", "gossip", "local")
@@ -38,10 +46,10 @@ class TrainConfig:
     data_dir: str = "data"  # torchvision raw layout: <data_dir>/<Name>/raw/*-ubyte[.gz]
     limit_train: int | None = None  # use only the first K training samples
     # --- training ---
-    epochs: int = 1
+    epochs: int | None = None  # default: by dataset (TRAINING_DEFAULTS, DATASET_DEFAULTS)
     max_steps: int | None = None  # stop after this many optimizer steps
-    batch_size: int = 64  # per worker and step; the global batch is n_workers * batch_size
-    lr: float = 1e-3
+    batch_size: int | None = None  # per worker and step; the global batch is n_workers * batch_size
+    lr: float | None = None
     optimizer: str = "adam"
     # --- aggregation strategy (gen_funcs/aggregation.py has the math) ---
     strategy: str = "sync"
@@ -77,6 +85,9 @@ class TrainConfig:
         need(self.n_workers >= 1, f"-n must be at least 1 (got {self.n_workers})")
         need(self.comms in COMMS, f"--comms must be one of {', '.join(COMMS)} (got {self.comms!r})")
         need(self.dataset in DATASETS, f"--dataset must be one of {', '.join(DATASETS)} (got {self.dataset!r})")
+        for name, value in training_defaults(self.dataset).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         need(self.limit_train is None or self.limit_train >= 1, "--limit-train must be at least 1")
         need(self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})")
         need(self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1")
@@ -192,11 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on the first K training samples only")
 
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=1, help="(default: %(default)s)")
+    g.add_argument("--epochs", type=int, default=None, help="(default: 1; iris: 50)")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    g.add_argument("--batch-size", type=int, default=d["batch_size"].default,
-                   help="samples per worker per step (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=d["lr"].default, help="learning rate (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="samples per worker per step (default: 64; iris: 8)")
+    g.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.001; iris: 0.01)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="(default: %(default)s)")
     g.add_argument("--wire-dtype", choices=WIRE_DTYPES, default="float32",
                    help="type of gradients and parameters on the wire; 16-bit halves the bytes (default: %(default)s)")

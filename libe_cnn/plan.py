@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from libe_cnn.config import TrainConfig
 from libe_cnn.errors import UserError
 from libe_cnn.store import RedisAddress
-from mnist.data import DatasetFiles, read_idx, steps_per_epoch
+from mnist.data import DatasetFiles, read_split, steps_per_epoch
 
 # libEnsemble rows carry store keys and small numbers only, never tensors: the manager keeps
 # every row in its history, and a row holding a tensor would keep that tensor alive.
@@ -62,12 +62,8 @@ def check_dataset(files: DatasetFiles) -> int:
 
     Returns the number of training samples.
     """
-    sizes = {key: len(read_idx(path)) for key, path in files.paths.items()}
-    for split in ("train", "test"):
-        if sizes[f"{split}_images"] != sizes[f"{split}_labels"]:
-            raise UserError(f"{files.name}: {sizes[f'{split}_images']} {split} images but "
-                            f"{sizes[f'{split}_labels']} labels ({files.paths[f'{split}_labels']})")
-    return sizes["train_labels"]
+    read_split(files, train=False)
+    return len(read_split(files, train=True)[1])
 
 
 def make_plan(cfg: TrainConfig, files: DatasetFiles) -> RunPlan:

@@ -1,13 +1,18 @@
-"""MNIST-style datasets as tensors, their even shards, and the per-epoch batch order.
+"""The datasets as tensors, their even shards, and the per-epoch batch order.
 
-The files are IDX (optionally gzipped) in torchvision's raw layout. Each set is read once
-into memory as a tensor and indexed from there: a per-sample DataLoader with PIL
-transforms costs more than the model itself on this CNN.
+    mnist, fashion-mnist  IDX files (optionally gzipped) in torchvision's raw layout
+    cifar10               CIFAR-10's binary version: 3073-byte records (label, then the
+                          red, green and blue 32 x 32 planes); no pickle to read
+    iris                  the CSV that ships with scikit-learn (150 flowers, 4 measurements)
+
+Each set is read once into memory as a tensor and indexed from there: a per-sample
+DataLoader with PIL transforms costs more than the model itself on these networks.
 """
 
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +28,24 @@ FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-# Folder names torchvision uses under <root>, and per-dataset pixel mean/std.
+# Folder names torchvision uses under <root> for the IDX datasets.
 TORCHVISION_NAME = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
-NORMALIZATION = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}
+# Mean and std of each channel (images) or feature (iris) over the training data.
+NORMALIZATION = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "iris": ((5.8433, 3.0573, 3.7580, 1.1993), (0.8253, 0.4344, 1.7594, 0.7597)),
+}
+CIFAR10_DIR = "cifar-10-batches-bin"
+CIFAR10_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
+CIFAR10_RECORD = 1 + 3 * 32 * 32
+# Iris has no official split: a fixed fifth of each species is the test set, the same
+# whatever --seed is, so that runs with different seeds are tested on the same flowers.
+IRIS_TEST_FRACTION = 0.2
+IRIS_SPLIT_SEED = 1936  # the year Fisher published the data
 # Where Debian's dataset-fashion-mnist package installs the real files.
 SYSTEM_DIRS = {"fashion-mnist": [Path("/usr/share/datasets/fashion-mnist")]}
 
@@ -51,11 +71,15 @@ def _find_in(directory: Path) -> dict[str, str] | None:
 
 
 def locate(name: str, data_dir: str | Path, download: bool = True) -> DatasetFiles:
-    """Find a dataset's four IDX files: data_dir, then system packages, then a download.
+    """Find a dataset's files: data_dir, then system packages, then a download.
 
     Raises:
         UserError: naming where the files were looked for and what to do.
     """
+    if name == "cifar10":
+        return _locate_cifar10(Path(data_dir), download)
+    if name == "iris":
+        return _locate_iris(Path(data_dir))
     raw_dir = Path(data_dir) / TORCHVISION_NAME[name] / "raw"
     for directory in [raw_dir, *SYSTEM_DIRS.get(name, [])]:
         found = _find_in(directory)
@@ -71,6 +95,43 @@ def locate(name: str, data_dir: str | Path, download: bool = True) -> DatasetFil
     hint = " or install Debian's dataset-fashion-mnist" if name == "fashion-mnist" else ""
     raise UserError(f"{name} not found in {raw_dir} and could not be downloaded ({error}): "
                     f"put the four IDX files there{hint}, or run where the internet is reachable")
+
+
+def _locate_cifar10(data_dir: Path, download: bool) -> DatasetFiles:
+    directory = data_dir / CIFAR10_DIR
+
+    def found() -> DatasetFiles | None:
+        paths = {f.removesuffix(".bin"): str(directory / f) for f in CIFAR10_FILES}
+        return DatasetFiles("cifar10", paths) if all(Path(p).is_file() for p in paths.values()) else None
+
+    if found():
+        return found()
+    error = "download disabled"
+    if download:
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        try:
+            download_and_extract_archive(CIFAR10_URL, str(data_dir), md5=CIFAR10_MD5)
+            error = ""
+        except Exception as e:  # any failure becomes the one-line message below
+            error = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if found():
+            return found()
+    raise UserError(f"cifar10 not found in {directory} and could not be downloaded ({error}): unpack "
+                    f"{CIFAR10_URL} into {data_dir}, or run where the internet is reachable")
+
+
+def _locate_iris(data_dir: Path) -> DatasetFiles:
+    """data_dir/iris/iris.csv, else the copy inside scikit-learn (found without importing it)."""
+    candidates = [data_dir / "iris" / "iris.csv"]
+    spec = importlib.util.find_spec("sklearn")
+    if spec is not None and spec.origin:
+        candidates.append(Path(spec.origin).parent / "datasets" / "data" / "iris.csv")
+    for path in candidates:
+        if path.is_file():
+            return DatasetFiles("iris", {"csv": str(path)})
+    raise UserError(f"iris not found in {candidates[0]} nor in scikit-learn: install scikit-learn "
+                    "(pip install scikit-learn) or put its iris.csv there")
 
 
 def _download(name: str, root: Path) -> str:
@@ -106,22 +167,85 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(data, dtype=_IDX_DTYPE[dtype_code], offset=offset).reshape(shape)
 
 
+def read_cifar10(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 binary file: images uint8 [N,3,32,32] and labels [N], checked."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    if not data or len(data) % CIFAR10_RECORD:
+        raise UserError(f"{path} is truncated or corrupt: {len(data)} bytes is not a whole number of "
+                        f"{CIFAR10_RECORD}-byte CIFAR-10 records")
+    records = np.frombuffer(data, dtype=np.uint8).reshape(-1, CIFAR10_RECORD)
+    labels = records[:, 0]
+    if labels.max() > 9:
+        raise UserError(f"{path} is not a CIFAR-10 file: label {labels.max()} is not a class 0-9")
+    return records[:, 1:].reshape(-1, 3, 32, 32), labels
+
+
+def read_iris(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's iris.csv: a header `rows,features,name,...`, then features and a class number."""
+    try:
+        lines = Path(path).read_text().split()
+        n_rows, n_features, *classes = lines[0].split(",")
+        rows = np.array([line.split(",") for line in lines[1:]], dtype=np.float64)
+        if rows.shape != (int(n_rows), int(n_features) + 1):
+            raise ValueError(f"header says {n_rows} rows of {n_features} features and a class, found {rows.shape}")
+    except (OSError, UnicodeDecodeError, IndexError, ValueError) as e:
+        raise UserError(f"{path} is not a readable iris.csv ({e})") from None
+    labels = rows[:, -1].astype(np.int64)
+    if labels.min() < 0 or labels.max() >= len(classes):
+        raise UserError(f"{path} is corrupt: class numbers must be 0-{len(classes) - 1}")
+    return rows[:, :-1].astype(np.float32), labels
+
+
+def iris_test_rows(labels: np.ndarray) -> np.ndarray:
+    """Which rows are the test set: a fixed fifth of each class."""
+    rng = np.random.default_rng(IRIS_SPLIT_SEED)
+    test = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        test[members[: round(len(members) * IRIS_TEST_FRACTION)]] = True
+    return test
+
+
+def read_split(files: DatasetFiles, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One split's raw samples and labels, checked against each other."""
+    if files.name == "cifar10":
+        names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+        parts = [read_cifar10(files.paths[name]) for name in names]
+        samples, labels = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    elif files.name == "iris":
+        samples, labels = read_iris(files.paths["csv"])
+        keep = iris_test_rows(labels) != train
+        samples, labels = samples[keep], labels[keep]
+    else:
+        prefix = "train" if train else "test"
+        samples = read_idx(files.paths[f"{prefix}_images"])
+        labels = read_idx(files.paths[f"{prefix}_labels"])
+    if len(samples) != len(labels):
+        raise UserError(f"{files.name}: {len(samples)} {'train' if train else 'test'} samples but {len(labels)} labels")
+    return samples, labels
+
+
 def load_split(files: DatasetFiles, train: bool, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images as normalized float32 [N,1,28,28] and labels as int64 [N]."""
-    prefix = "train" if train else "test"
-    images = read_idx(files.paths[f"{prefix}_images"])
-    labels = read_idx(files.paths[f"{prefix}_labels"])
-    if len(images) != len(labels):
-        raise UserError(f"{files.name}: {len(images)} images but {len(labels)} labels")
+    """Samples normalized as the model takes them (float32) and labels as int64 [N]."""
+    samples, labels = read_split(files, train)
     if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    return normalize(images, files.name), torch.from_numpy(labels.astype(np.int64))
+        samples, labels = samples[:limit], labels[:limit]
+    return normalize(samples, files.name), torch.from_numpy(labels.astype(np.int64))
 
 
-def normalize(images: np.ndarray, name: str) -> torch.Tensor:
-    mean, std = NORMALIZATION[name]
-    x = torch.from_numpy(images.astype(np.float32)).div_(255.0).sub_(mean).div_(std)
-    return x.unsqueeze(1)
+def normalize(samples: np.ndarray, name: str) -> torch.Tensor:
+    """Zero mean and unit spread per channel (images, scaled from 0-255 first) or per feature."""
+    x = torch.from_numpy(samples.astype(np.float32))
+    if samples.dtype == np.uint8:
+        x.div_(255.0)
+    if x.ndim == 3:  # [N, H, W]: one channel
+        x = x.unsqueeze(1)
+    shape = (1, -1) + (1,) * (x.ndim - 2)  # broadcast over the channel (or feature) axis
+    mean, std = (torch.tensor(v).view(shape) for v in NORMALIZATION[name])
+    return x.sub_(mean).div_(std)
 
 
 def shard_indices(n_samples: int, n_shards: int, shard: int, seed: int) -> np.ndarray:
@@ -147,17 +271,8 @@ def steps_per_epoch(n_train: int, n_workers: int, batch_size: int) -> int:
     return (n_train // n_workers) // batch_size
 
 
-def batch_positions(shard_size: int, batch_size: int, seed: int, shard: int, step: int) -> tuple[int, np.ndarray]:
-    """Epoch and shard positions of the batch a worker trains on at a global step."""
-    per_epoch = shard_size // batch_size
-    epoch, b = divmod(step, per_epoch)
-    order = epoch_order(shard_size, seed, shard, epoch)
-    return epoch, order[b * batch_size : (b + 1) * batch_size]
-
-
 def load_shard(files: DatasetFiles, n_train: int, n_shards: int, shard: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Only one worker's shard of the (first n_train) training samples, normalized."""
-    images = read_idx(files.paths["train_images"])[:n_train]
-    labels = read_idx(files.paths["train_labels"])[:n_train]
+    samples, labels = read_split(files, train=True)
     idx = shard_indices(n_train, n_shards, shard, seed)
-    return normalize(images[idx], files.name), torch.from_numpy(labels[idx].astype(np.int64))
+    return normalize(samples[:n_train][idx], files.name), torch.from_numpy(labels[:n_train][idx].astype(np.int64))

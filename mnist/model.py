@@ -1,4 +1,8 @@
-"""The CNN, defined once for the standalone trainer, the generator and the simulators."""
+"""The networks, defined once for the standalone trainer, the generator and the simulators.
+
+The dataset chooses the network: the CNN for the 28 x 28 MNIST family, a deeper CNN for
+CIFAR-10's 3 x 32 x 32 colour images, a small MLP for Iris's four measurements.
+"""
 
 from __future__ import annotations
 
@@ -29,11 +33,46 @@ class Net(nn.Module):
         return F.log_softmax(self.fc2(x), dim=1)
 
 
-def build_model(seed: int, dropout: bool = True) -> Net:
-    """The model with its initial weights drawn from `seed` (same seed, same weights)."""
+class CifarNet(nn.Module):
+    """Two blocks of conv-conv-pool (3->32->32, 32->64->64) -> fc(4096->256) -> fc(256->10)."""
+
+    def __init__(self, dropout: bool = True) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.dropout1 = nn.Dropout(0.25 if dropout else 0.0)
+        self.dropout2 = nn.Dropout(0.5 if dropout else 0.0)
+        self.fc1 = nn.Linear(64 * 8 * 8, 256)
+        self.fc2 = nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(self.dropout1(self.features(x)), 1)
+        x = self.dropout2(F.relu(self.fc1(x)))
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
+class IrisNet(nn.Module):
+    """fc(4->16) -> fc(16->3): four measurements of a flower to its species."""
+
+    def __init__(self, dropout: bool = True) -> None:  # too small to need dropout
+        super().__init__()
+        self.fc1 = nn.Linear(4, 16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.fc2(F.relu(self.fc1(x))), dim=1)
+
+
+MODELS = {"mnist": Net, "fashion-mnist": Net, "cifar10": CifarNet, "iris": IrisNet}
+
+
+def build_model(seed: int, dropout: bool = True, dataset: str = "mnist") -> nn.Module:
+    """The dataset's model with its initial weights drawn from `seed` (same seed, same weights)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return Net(dropout=dropout)
+        return MODELS[dataset](dropout=dropout)
 
 
 @torch.no_grad()

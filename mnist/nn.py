@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mnist.model import make_optimizer
-from libe_cnn.config import DATASETS, OPTIMIZERS
+from libe_cnn.config import DATASETS, OPTIMIZERS, training_defaults
 from libe_cnn.errors import UserError
 from libe_cnn.runtime import available_cores, set_threads
 from mnist.data import epoch_order, load_split, locate
@@ -31,10 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=DATASETS, default="mnist", help="(default: %(default)s)")
     p.add_argument("--data-dir", default="data", help="dataset root, torchvision layout (default: %(default)s)")
     p.add_argument("--limit-train", type=int, default=None, metavar="K", help="train on the first K samples only")
-    p.add_argument("--epochs", type=int, default=1, help="(default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=None, help="(default: 1; iris: 50)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--batch-size", type=int, default=64, help="samples per step (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-3, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per step (default: 64; iris: 8)")
+    p.add_argument("--lr", type=float, default=None, help="(default: 0.001; iris: 0.01)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=1, help="(default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train(args: argparse.Namespace) -> dict:
+    for name, value in training_defaults(args.dataset).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for name in ("epochs", "batch_size", "threads", "limit_train", "max_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -62,7 +65,7 @@ def train(args: argparse.Namespace) -> dict:
     if len(train_y) < args.batch_size:
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(train_y)} training samples")
 
-    model = build_model(args.seed).to(device).train()
+    model = build_model(args.seed, dataset=args.dataset).to(device).train()
     optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr)
     per_epoch = len(train_y) // args.batch_size
     total = per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, per_epoch * args.epochs)

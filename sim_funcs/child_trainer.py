@@ -35,7 +35,7 @@ from libe_cnn.runtime import (
 from libe_cnn.store import TensorStore
 from libe_cnn.wire import from_wire, to_wire
 from mnist.data import epoch_order, load_shard
-from mnist.model import Net, load_optimizer_state_vector, make_optimizer, optimizer_state_vector
+from mnist.model import MODELS, load_optimizer_state_vector, make_optimizer, optimizer_state_vector
 
 
 class ChildWorker:
@@ -49,7 +49,8 @@ class ChildWorker:
         images, labels = load_shard(plan.files, plan.n_train, cfg.n_workers, shard, cfg.seed)
         self.images, self.labels = images.to(self.device), labels.to(self.device)
         self._orders: dict[int, np.ndarray] = {}
-        self.model = Net(dropout=cfg.dropout).to(self.device).train()
+        # Its weights come from the generator: no need to draw them from the seed.
+        self.model = MODELS[cfg.dataset](dropout=cfg.dropout).to(self.device).train()
         self.flat_params = flatten_parameters(self.model)
         self.flat_grad = flatten_gradients(self.model)
         self.store = TensorStore(plan.redis, cfg.run_id)

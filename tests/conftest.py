@@ -61,3 +61,25 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subpro
     """Run a project script with the test interpreter, from the repository root."""
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env)
+
+
+def write_cifar10(data_dir: Path, per_batch: int, test: int) -> Path:
+    """CIFAR-10's binary layout with random images (labels 0..9 in turn) under data_dir."""
+    directory = data_dir / "cifar-10-batches-bin"
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+    for name in names:
+        count = test if name.startswith("test") else per_batch
+        records = rng.integers(0, 256, (count, 3073), dtype=np.uint8)
+        records[:, 0] = np.arange(count) % 10
+        (directory / name).write_bytes(records.tobytes())
+    return data_dir
+
+
+def write_iris_csv(path: Path, rows: np.ndarray) -> Path:
+    """scikit-learn's iris.csv layout: a header, then 4 measurements and a class per line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = f"{len(rows)},4,setosa,versicolor,virginica"
+    path.write_text("\n".join([header, *(",".join(f"{v:g}" for v in r[:4]) + f",{int(r[4])}" for r in rows)]) + "\n")
+    return path

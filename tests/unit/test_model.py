@@ -111,3 +111,12 @@ def test_optimizer_state_vector_restores_the_optimizer_exactly(name):
     assert torch.equal(params, copy_params)  # a fresh optimizer would have stepped differently
     with pytest.raises(ValueError, match="does not fit"):
         load_optimizer_state_vector(copy_optimizer, name, vector[:-1])
+
+
+@pytest.mark.parametrize("dataset, shape, classes", [("cifar10", (5, 3, 32, 32), 10), ("iris", (5, 4), 3)])
+def test_the_dataset_chooses_the_network(dataset, shape, classes):
+    model = build_model(3, dataset=dataset)
+    out = model(torch.zeros(shape))
+    assert out.shape == (5, classes) and torch.allclose(out.exp().sum(1), torch.ones(5))
+    same = build_model(3, dataset=dataset)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), same.parameters()))
