@@ -133,3 +133,13 @@ def ddp(w: Workload, threads: int, steps: int, warmup: int, eval_every: int | No
     mp.start_processes(_ddp_rank, args=(w, threads, steps, warmup, free_port(), queue, eval_every, test_set),
                        nprocs=w.n_workers, start_method="spawn")
     return queue.get()
+
+
+def write_report(data: Path, markdown, plot) -> str:
+    """Write the tables (.md, from `markdown`) and the figure (.png, by `plot`) beside the
+    results (.json); returns the tables."""
+    result = json.loads(data.read_text())
+    text = markdown(result)
+    data.with_suffix(".md").write_text(text)
+    plot(result, data.with_suffix(".png"))
+    return text
