@@ -151,6 +151,9 @@ def run_labels(runs: list[Run]) -> list[str]:
     """Legend labels: the config fields whose values differ between the runs, e.g. `strategy=easgd, n_workers=4`."""
     keys = list(dict.fromkeys([*LEADING_FIELDS, *(k for run in runs for k in run.config if _compared(k))]))
     differing = [k for k in keys if len({json.dumps(run.config.get(k)) for run in runs}) > 1]
+    # An option that does not apply to some of the runs (null there, like --sync-period of
+    # sync) follows from their strategy: name it only if nothing else tells them apart.
+    differing = [k for k in differing if all(run.config.get(k) is not None for run in runs)] or differing
     if differing:
         labels = [", ".join(f"{k}={run.config.get(k)}" for k in differing) for run in runs]
     else:

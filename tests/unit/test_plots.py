@@ -88,6 +88,14 @@ def test_labels_name_the_settings_that_differ(tmp_path):
     assert run_labels(runs) == ["strategy=sync, n_workers=2", "strategy=easgd, n_workers=4"]
 
 
+def test_options_that_follow_from_the_strategy_stay_out_of_the_labels(tmp_path):
+    gossip = {"strategy": "gossip", "reduce": None, "sync_period": 4, "gossip_topology": "random"}
+    runs = [read_run(make_run(tmp_path / "a", gossip_topology=None)), read_run(make_run(tmp_path / "b", **gossip)),
+            read_run(make_run(tmp_path / "c", **{**gossip, "sync_period": 8}))]
+    assert run_labels(runs[:2]) == ["strategy=sync", "strategy=gossip"]
+    assert run_labels(runs[1:]) == ["sync_period=4", "sync_period=8"]
+
+
 def test_identical_settings_are_told_apart_by_directory(tmp_path):
     runs = [read_run(make_run(tmp_path / "a")), read_run(make_run(tmp_path / "b"))]
     assert run_labels(runs) == ["sync, 2 workers x 64, fashion-mnist (a)", "sync, 2 workers x 64, fashion-mnist (b)"]
