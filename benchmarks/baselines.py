@@ -143,3 +143,10 @@ def write_report(data: Path, markdown, plot) -> str:
     data.with_suffix(".md").write_text(text)
     plot(result, data.with_suffix(".png"))
     return text
+
+
+def report_saved(data: Path, markdown, plot) -> str:
+    """--report-only: redraw from the saved results, or end with one line if there are none."""
+    if not data.exists():
+        sys.exit(f"error: no saved results at {data}: run without --report-only first")
+    return write_report(data, markdown, plot)

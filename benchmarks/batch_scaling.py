@@ -69,7 +69,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.baselines import write_report  # noqa: E402
+from benchmarks.baselines import report_saved, write_report  # noqa: E402
 from libe_cnn.runtime import available_cores, set_threads  # noqa: E402
 from mnist.data import DatasetFiles, epoch_order, load_shard, load_split, locate, read_idx  # noqa: E402
 from mnist.model import build_model, evaluate, make_optimizer  # noqa: E402
@@ -335,10 +335,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(data: Path) -> str:
-    return write_report(data, markdown, plot)
-
-
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=list(DEFAULT_BATCH_SIZES),
@@ -372,9 +368,7 @@ def main() -> None:
     args = parse_args()
     data = Path(args.out) / f"{STEM}.json"
     if args.report_only:
-        if not data.exists():
-            sys.exit(f"error: no saved results at {data}: run without --report-only first")
-        print(report(data))
+        print(report_saved(data, markdown, plot))
         return
 
     cores = available_cores()
@@ -400,7 +394,7 @@ def main() -> None:
               "best": best, "regimes": regimes(best), "runs": runs}
     data.parent.mkdir(parents=True, exist_ok=True)
     data.write_text(json.dumps(result, indent=2) + "\n")
-    print(report(data))
+    print(write_report(data, markdown, plot))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.baselines import Workload, ddp, write_report  # noqa: E402
+from benchmarks.baselines import Workload, ddp, report_saved, write_report  # noqa: E402
 from benchmarks.throughput import ours  # noqa: E402
 from libe_cnn.runtime import available_cores, threads_per_worker  # noqa: E402
 from mnist.data import locate, read_idx  # noqa: E402
@@ -135,10 +135,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(data: Path) -> str:
-    return write_report(data, markdown, plot)
-
-
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="values of N (default: %(default)s)")
@@ -170,9 +166,7 @@ def main() -> None:
     args = parse_args()
     data = Path(args.out) / f"{STEM}.json"
     if args.report_only:
-        if not data.exists():
-            sys.exit(f"error: no saved results at {data}: run without --report-only first")
-        print(report(data))
+        print(report_saved(data, markdown, plot))
         return
 
     files = locate("fashion-mnist", ROOT / "data")
@@ -192,7 +186,7 @@ def main() -> None:
     add_ratios(rows)
     data.parent.mkdir(parents=True, exist_ok=True)
     data.write_text(json.dumps({"args": vars(args), "cores": cores, "rows": rows}, indent=2) + "\n")
-    print(report(data))
+    print(write_report(data, markdown, plot))
 
 
 if __name__ == "__main__":
