@@ -423,13 +423,28 @@ def run_async(run: GenRun) -> None:
         if outstanding[v][1] == 0:
             run.store.evict([outstanding.pop(v)[0]])
 
+    def next_stop(after: int) -> int:
+        """The first gradient count past `after` that completes a sync-sized step due an
+        evaluation or checkpoint (or the budget)."""
+        s = after + 1
+        while s < total and not (s % n == 0 and (run.eval_due(s // n) or run.checkpoint_due(s // n))):
+            s += 1
+        return s
+
+    pending = None  # rows received and not yet handled
     while step < total:
         t0 = time.perf_counter()
-        rows = run.receive()
-        if rows is None:
-            break
-        in_flight -= len(rows)
-        rows = rows[: total - step]  # results beyond the budget are not used
+        if pending is None or len(pending) == 0:
+            received = run.receive()
+            if received is None:
+                break
+            in_flight -= len(received)
+            run.store.evict([str(k) for k in received["result_key"][total - step:]])  # beyond the budget
+            pending = received[: total - step]
+        # Handle rows only up to the next evaluation or checkpoint, so that both see the parent
+        # exactly at that step, whatever number of results arrived together.
+        cut = next_stop(step) - step
+        rows, pending = pending[:cut], pending[cut:]
         t1 = time.perf_counter()
         keys = [str(k) for k in rows["result_key"]]
         grads = run.fetch(keys)
@@ -463,7 +478,6 @@ def run_async(run: GenRun) -> None:
             in_flight += len(rows)
         t4 = time.perf_counter()
         share = 1.0 / len(rows)  # the generator's time is split evenly over the rows it handled
-        first = step + 1
         for i, (staleness, used, nonfinite) in enumerate(outcomes):
             step += 1
             samples += int(rows[i]["n_samples"])
@@ -474,9 +488,9 @@ def run_async(run: GenRun) -> None:
                        version=version, gen_wait_s=(t1 - t0) * share, fetch_s=(t2 - t1) * share,
                        update_s=(t3 - t2) * share, publish_s=(t4 - t3) * share)
         # Evaluate and checkpoint where sync would: after every N gradients that complete such a step.
-        if any(s % n == 0 and run.eval_due(s // n) for s in range(first, step + 1)):
+        if step % n == 0 and run.eval_due(step // n):
             run.evaluate(step, epoch, samples)
-        if any(s % n == 0 and run.checkpoint_due(s // n) for s in range(first, step + 1)):
+        if step % n == 0 and run.checkpoint_due(step // n):
             run.checkpoint(step, epoch, samples, loss, positions, async_counters())
     # Wait for the gradients still being computed, as sync does: libEnsemble may start the
     # generator again if it ends while simulators are busy. They are not applied.

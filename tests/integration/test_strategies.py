@@ -37,7 +37,7 @@ def read_run(run_dir):
 def test_each_strategy_trains_with_three_workers(tmp_path, fashion_files, redis_address, strategy):
     run_dir = tmp_path / "run"
     result = run_cli("run_libe_cnn.py", "-n", "3", "--dataset", "fashion-mnist", "--limit-train", "6144",
-                     "--max-steps", "24", "--eval-every", "12", "--strategy", strategy, "--run-dir", str(run_dir),
+                     "--max-steps", "24", "--eval-every", "4", "--strategy", strategy, "--run-dir", str(run_dir),
                      env=redis_env(redis_address))
     assert result.returncode == 0, result.stderr[-3000:]
     summary, records, config = read_run(run_dir)
@@ -47,7 +47,9 @@ def test_each_strategy_trains_with_three_workers(tmp_path, fashion_files, redis_
     assert summary["store_bytes_per_sample"] > 0
     evals = [r for r in records if r.get("event") == "eval"]
     steps = [r for r in records if "event" not in r]
-    assert [e["samples"] for e in evals] == [12 * 3 * 64, 24 * 3 * 64]  # evaluated at the same points
+    # Evaluated at the same points. Async results often arrive several at once; an evaluation
+    # still sees the parent exactly after the gradients that complete its step.
+    assert [e["samples"] for e in evals] == [k * 4 * 3 * 64 for k in range(1, 7)]
     assert run_keys(redis_address, config["run_id"]) == []
     if strategy == "async":
         # One step per gradient; every gradient's staleness is recorded.
@@ -58,7 +60,7 @@ def test_each_strategy_trains_with_three_workers(tmp_path, fashion_files, redis_
         assert "worker_accuracies" not in evals[0] and len(evals[-1]["worker_accuracies"]) == 3
         assert summary["best_worker_accuracy"] == max(evals[-1]["worker_accuracies"])
     if strategy in ("param-avg", "weighted-param-avg", "easgd", "gossip"):
-        # Rounds of 4 local steps; the one before each evaluation point may be cut short.
+        # Rounds of 4 local steps, each ending at an evaluation point.
         assert [r["step"] for r in steps] == [4, 8, 12, 16, 20, 24] and summary["exchanges"] == 5
 
 
