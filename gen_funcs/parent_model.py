@@ -423,13 +423,9 @@ def run_async(run: GenRun) -> None:
         if outstanding[v][1] == 0:
             run.store.evict([outstanding.pop(v)[0]])
 
-    def next_stop(after: int) -> int:
-        """The first gradient count past `after` that completes a sync-sized step due an
-        evaluation or checkpoint (or the budget)."""
-        s = after + 1
-        while s < total and not (s % n == 0 and (run.eval_due(s // n) or run.checkpoint_due(s // n))):
-            s += 1
-        return s
+    def stops_at(gradients: int) -> bool:
+        """Whether this many gradients complete a sync-sized step due an evaluation or checkpoint."""
+        return gradients % n == 0 and (run.eval_due(gradients // n) or run.checkpoint_due(gradients // n))
 
     pending = None  # rows received and not yet handled
     while step < total:
@@ -443,7 +439,7 @@ def run_async(run: GenRun) -> None:
             pending = received[: total - step]
         # Handle rows only up to the next evaluation or checkpoint, so that both see the parent
         # exactly at that step, whatever number of results arrived together.
-        cut = next_stop(step) - step
+        cut = next((k for k in range(1, len(pending)) if stops_at(step + k)), len(pending))
         rows, pending = pending[:cut], pending[cut:]
         t1 = time.perf_counter()
         keys = [str(k) for k in rows["result_key"]]
