@@ -38,7 +38,7 @@ def resume_point(plan) -> tuple[int, tuple[int, ...]]:
     if checkpoint["strategy"] != cfg.strategy or len(checkpoint["positions"]) != cfg.n_workers:
         raise UserError(f"cannot resume {cfg.run_dir}: its checkpoint is of --strategy {checkpoint['strategy']} "
                         f"with {len(checkpoint['positions'])} workers, its config.json says otherwise")
-    total = plan.total_steps * (cfg.n_workers if cfg.strategy == "async" else 1)  # async: one step per gradient
+    total = plan.recorded_steps
     if checkpoint["step"] >= total:
         raise UserError(f"the run in {cfg.run_dir} already took its {total} steps: "
                         "raise --epochs or --max-steps to train it further")

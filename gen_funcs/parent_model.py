@@ -152,8 +152,7 @@ class GenRun:
         self.resumed_at = [*self.resumed["resumed_at"], self.first_step] if self.resumed else []
         self.checkpointed_step: int | None = None
         self.last_eval: dict | None = None
-        # async counts single gradients as steps: N per step of the others.
-        self.total_steps = plan.total_steps * (self.n if cfg.strategy == "async" else 1)
+        self.total_steps = plan.recorded_steps
         self.progress = Progress(self.total_steps)
 
     # --- messages ---

@@ -56,6 +56,12 @@ class RunPlan:
     # Resuming: each worker's next batch (from the checkpoint); None for a fresh start.
     resume_positions: tuple[int, ...] | None = None
 
+    @property
+    def recorded_steps(self) -> int:
+        """The run's length in the steps its metrics and checkpoints count: async counts
+        single gradients, N per step of the others."""
+        return self.total_steps * (self.config.n_workers if self.config.strategy == "async" else 1)
+
 
 def check_dataset(files: DatasetFiles) -> int:
     """Read every file once, so a corrupt or truncated one fails here and not in a worker.
