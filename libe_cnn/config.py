@@ -19,10 +19,6 @@ DATASETS = ("mnist", "fashion-mnist", "cifar10", "iris")
 # Iris is 120 training flowers: small batches, a larger step and many epochs, still seconds.
 TRAINING_DEFAULTS = {"epochs": 1, "batch_size": 64, "lr": 1e-3}
 DATASET_DEFAULTS = {"iris": {"epochs": 50, "batch_size": 8, "lr": 1e-2}}
-
-
-def training_defaults(dataset: str) -> dict:
-    return {**TRAINING_DEFAULTS, **DATASET_DEFAULTS.get(dataset, {})}
 OPTIMIZERS = ("adam", "adadelta", "sgd")
 REDUCTIONS = ("sum", "mean")
 STRATEGIES = ("sync", "async", "param-avg", "weighted-param-avg", "easgd", "gossip", "local")
@@ -34,6 +30,13 @@ ON_NONFINITE = ("stop", "skip")
 EASGD_BETA = 0.9
 COMMS = ("local", "mpi")
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def fill_training_defaults(options) -> None:
+    """Set the training options left unset (None) on `options` to its dataset's defaults."""
+    for name, value in {**TRAINING_DEFAULTS, **DATASET_DEFAULTS.get(options.dataset, {})}.items():
+        if getattr(options, name) is None:
+            setattr(options, name, value)
 
 
 @dataclass
@@ -85,9 +88,7 @@ class TrainConfig:
         need(self.n_workers >= 1, f"-n must be at least 1 (got {self.n_workers})")
         need(self.comms in COMMS, f"--comms must be one of {', '.join(COMMS)} (got {self.comms!r})")
         need(self.dataset in DATASETS, f"--dataset must be one of {', '.join(DATASETS)} (got {self.dataset!r})")
-        for name, value in training_defaults(self.dataset).items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
+        fill_training_defaults(self)
         need(self.limit_train is None or self.limit_train >= 1, "--limit-train must be at least 1")
         need(self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})")
         need(self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1")

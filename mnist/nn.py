@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mnist.model import make_optimizer
-from libe_cnn.config import DATASETS, OPTIMIZERS, training_defaults
+from libe_cnn.config import DATASETS, OPTIMIZERS, fill_training_defaults
 from libe_cnn.errors import UserError
 from libe_cnn.runtime import available_cores, set_threads
 from mnist.data import epoch_order, load_split, locate
@@ -46,9 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train(args: argparse.Namespace) -> dict:
-    for name, value in training_defaults(args.dataset).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    fill_training_defaults(args)
     for name in ("epochs", "batch_size", "threads", "limit_train", "max_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
