@@ -6,7 +6,7 @@ parent model it holds what the next steps depend on:
 
     step, epoch, samples   where the run is
     positions              each worker's next batch; with the seed this fixes the data order
-                           (epoch_order) and the dropout masks (ChildWorker.reseed)
+                           (epoch_order) and the dropout masks (ChildWorker.gradient)
     optimizer              the generator's optimizer (sync, async)
     workers                each worker's parameters and optimizer state, one float32 vector
                            each (the periodic strategies, where workers keep their own)

@@ -104,8 +104,9 @@ def _locate_cifar10(data_dir: Path, download: bool) -> DatasetFiles:
         paths = {f.removesuffix(".bin"): str(directory / f) for f in CIFAR10_FILES}
         return DatasetFiles("cifar10", paths) if all(Path(p).is_file() for p in paths.values()) else None
 
-    if found():
-        return found()
+    files = found()
+    if files:
+        return files
     error = "download disabled"
     if download:
         from torchvision.datasets.utils import download_and_extract_archive
@@ -115,8 +116,9 @@ def _locate_cifar10(data_dir: Path, download: bool) -> DatasetFiles:
             error = ""
         except Exception as e:  # any failure becomes the one-line message below
             error = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if found():
-            return found()
+        files = found()
+        if files:
+            return files
     raise UserError(f"cifar10 not found in {directory} and could not be downloaded ({error}): unpack "
                     f"{CIFAR10_URL} into {data_dir}, or run where the internet is reachable")
 
