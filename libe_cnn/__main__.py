@@ -20,13 +20,16 @@ def build_parser() -> OneLineParser:
         "The plotted data is written beside the PNG, with suffix .json.")
     plot.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="a run directory")
     plot.add_argument("-o", "--output", type=Path, default=None, metavar="OUT.png",
-                      help="the figure (default: RUN_DIR/curves.png for one run, ./curves.png for several)")
+                      help="the figure; required for several runs (default for one run: RUN_DIR/curves.png). "
+                      "Never another run's curves.png, nor a run's config.json or summary.json")
     return p
 
 
 def default_output(run_dirs: list[Path]) -> Path:
-    """One run: the figure belongs in its directory; several: none of them owns it."""
-    return run_dirs[0] / "curves.png" if len(run_dirs) == 1 else Path("curves.png")
+    """One run: the figure belongs in its directory; several: none of them owns it, so no guess."""
+    if len(run_dirs) > 1:
+        raise UserError("several runs: name the figure with -o OUT.png (a run's own curves.png is left alone)")
+    return run_dirs[0] / "curves.png"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here so that --help and argument errors do not wait for matplotlib and torch.
     from libe_cnn.plots import write_curves
 
-    out = args.output or default_output(args.run_dirs)
+    out = args.output
     try:
+        out = out or default_output(args.run_dirs)
         write_curves(args.run_dirs, out)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

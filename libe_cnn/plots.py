@@ -218,6 +218,32 @@ def curves_data(runs: list[Run], labels: list[str]) -> dict[str, Any]:
     }
 
 
+# A run's own figure, and the records of a run that a figure's JSON could be named like (-o config.png).
+RUN_FIGURE = ("curves.png", "curves.json")
+RUN_RECORDS = ("config.json", "summary.json")
+
+
+def is_run_dir(path: Path) -> bool:
+    """A directory a training run wrote (or is writing)."""
+    return (path / "metrics.jsonl").is_file() or (path / "config.json").is_file()
+
+
+def check_output(run_dirs: list[Path], out: Path) -> None:
+    """Refuse an output that would replace another run's figure, or any run's config.json or summary.json."""
+    # Why: a run's curves.png/curves.json are the figure of that run alone, so only plotting that
+    # one run may refresh them (as the trainer does at its end); an overlay belongs to no run.
+    # Names compare in lower case: on a case-insensitive file system Curves.png is curves.png.
+    parent = out.parent
+    if not is_run_dir(parent):
+        return
+    own = len(run_dirs) == 1 and parent.resolve() == Path(run_dirs[0]).resolve()
+    for target in (out, out.with_suffix(".json")):
+        name = target.name.lower()
+        if name in RUN_RECORDS or (name in RUN_FIGURE and not own):
+            raise UserError(f"cannot write {target}: it would replace the {name} of run {parent}, "
+                            "which is left alone; choose another output path")
+
+
 def write_curves(run_dirs: list[Path], out: Path) -> None:
     """Plot the runs into `out` (PNG) and write the plotted data to `out` with suffix .json."""
     out = Path(out)
@@ -230,6 +256,7 @@ def write_curves(run_dirs: list[Path], out: Path) -> None:
     runs = [read_run(Path(d)) for d in run_dirs]
     if not out.parent.is_dir():
         raise UserError(f"cannot write {out}: directory {out.parent} does not exist; create it first")
+    check_output(run_dirs, out)
     labels = run_labels(runs)
     data = json.dumps(curves_data(runs, labels), indent=1, allow_nan=False) + "\n"
     fig = draw(runs, labels)

@@ -10,16 +10,25 @@ from typing import Any, Callable
 
 import torch
 
+# The umask can only be read by setting it, and it is process-global: read it once, at import,
+# before the trainer starts threads, so no other thread can create a file while it is 0.
+# A umask changed after import is not seen; nothing in libe-cnn changes it.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what open(path, "w") gives a new file
+
 
 def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = True) -> None:
     """Write through a temporary file in the same directory, then rename over `path`.
 
-    A reader (or a crash) never sees a half-written file.
+    A reader (or a crash) never sees a half-written file. The file gets FILE_MODE, as from a
+    plain open(), not the 0600 of mkstemp.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
+            os.fchmod(f.fileno(), FILE_MODE)
             write(f)
             f.flush()
             os.fsync(f.fileno())

@@ -149,10 +149,16 @@ def test_argument_errors_are_one_line(capsys):
     assert err.startswith("error: ") and err.count("\n") == 1
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path, umask: int = -1) -> subprocess.CompletedProcess:
+    """`python -m libe_cnn plot ARGS` in `cwd`; umask -1 leaves this process's own."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "libe_cnn", "plot", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, umask=umask)
+
+
+def files(*dirs: Path) -> dict[Path, bytes]:
+    """Every file under the directories, with its bytes: to show that nothing was written or changed."""
+    return {p: p.read_bytes() for d in dirs for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 def test_cli_overlays_two_runs(tmp_path):
@@ -161,12 +167,12 @@ def test_cli_overlays_two_runs(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
 
-    result = run_cli(str(a), str(b), cwd=work)
+    result = run_cli(str(a), str(b), "-o", "overlay.png", cwd=work)
 
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
-    check_png(work / "curves.png")  # several runs: the current directory, not one of the runs
-    data = json.loads((work / "curves.json").read_text())
+    check_png(work / "overlay.png")
+    data = json.loads((work / "overlay.json").read_text())
     assert [r["label"] for r in data["runs"]] == ["strategy=sync, n_workers=2", "strategy=easgd, n_workers=4"]
     assert [len(r["train"]["step"]) for r in data["runs"]] == [40, 25]
     assert [len(r["eval"]["step"]) for r in data["runs"]] == [2, 5]
@@ -180,3 +186,62 @@ def test_cli_error_is_one_line_and_exit_2(tmp_path):
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert "does not exist" in result.stderr
     assert not (tmp_path / "curves.png").exists()
+
+
+@pytest.mark.parametrize("where", ["elsewhere", "inside a run"])
+def test_cli_several_runs_without_output_write_nothing(tmp_path, where):
+    a, b = make_run(tmp_path / "a"), make_run(tmp_path / "b", strategy="easgd")
+    write_curves([a], a / "curves.png")  # run a's own figure, as the trainer leaves it
+    work = tmp_path / "work"
+    work.mkdir()
+    before = files(tmp_path)
+
+    result = run_cli(str(a), str(b), cwd=a if where == "inside a run" else work)
+
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: several runs: ") and result.stderr.count("\n") == 1
+    assert "-o OUT.png" in result.stderr
+    assert result.stdout == ""
+    assert files(tmp_path) == before  # no curves.* in the working directory; run a's byte for byte
+
+
+@pytest.mark.parametrize("plotted, output", [
+    ("a b", "a/curves.png"),   # an overlay is not run a's figure
+    ("a b", "c/curves.png"),   # nor that of a run it does not show
+    ("a", "b/curves.png"),     # one run into another run's directory
+    ("a b", "a/curves.PNG"),   # the same file on a case-insensitive file system
+    ("a", "a/config.png"),     # its JSON would be the run's config.json
+    ("a", "b/summary.png"),
+])
+def test_cli_refuses_to_replace_a_runs_files(tmp_path, plotted, output):
+    for name in "abc":
+        run = make_run(tmp_path / name)
+        write_curves([run], run / "curves.png")
+        (run / "summary.json").write_text('{"completed": true}\n')
+    before = files(tmp_path)
+
+    result = run_cli(*(str(tmp_path / name) for name in plotted.split()), "-o", str(tmp_path / output), cwd=tmp_path)
+
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: cannot write ") and result.stderr.count("\n") == 1
+    assert "which is left alone" in result.stderr
+    assert files(tmp_path) == before
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["022", "027"])
+def test_cli_one_run_refreshes_its_own_figure_with_the_usual_mode(tmp_path, umask):
+    run = make_run(tmp_path / "run")
+    work = tmp_path / "work"
+    work.mkdir()
+
+    result = run_cli(str(run), cwd=work, umask=umask)  # no -o: the run's own curves.png
+
+    assert result.returncode == 0, result.stderr
+    check_png(run / "curves.png")
+    assert list(work.iterdir()) == []
+    for name in ("curves.png", "curves.json"):  # as open() makes them, not mkstemp's 0600
+        assert (run / name).stat().st_mode & 0o777 == 0o666 & ~umask
+    # Naming its own figure explicitly, from inside the run, is allowed too.
+    result = run_cli(str(run), "-o", "curves.png", cwd=run, umask=umask)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "curves.json", "curves.png", "metrics.jsonl"]

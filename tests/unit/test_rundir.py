@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -19,6 +20,24 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     with pytest.raises(OSError):
         atomic_write(path, fail)
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_atomic_write_gives_the_mode_of_a_plain_open(tmp_path, binary):
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    expected = plain.stat().st_mode & 0o777
+    assert expected == 0o666 & ~current_umask()
+    path = tmp_path / "summary.json"
+    for _ in range(2):  # a new file, then one replaced
+        atomic_write(path, lambda f: f.write(b"{}" if binary else "{}"), binary=binary)
+        assert path.stat().st_mode & 0o777 == expected  # not mkstemp's 0600
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_metrics_log_resumes_after_the_checkpointed_lines(tmp_path):
