@@ -373,7 +373,7 @@ def main() -> None:
 
     cores = available_cores()
     set_threads(cores)
-    files = locate("fashion-mnist", ROOT / "data")
+    files = locate("fashion-mnist", None)
     n_train = args.limit_train or len(read_idx(files.paths["train_labels"]))
     # Shard 0 of 1: the trainer's data with one worker (its shards are sorted index sets).
     x, y = load_shard(files, n_train, 1, 0, args.seed)

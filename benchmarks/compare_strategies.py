@@ -81,7 +81,7 @@ def main() -> None:
         print(report(data))
         return
 
-    files = locate("fashion-mnist", ROOT / "data")
+    files = locate("fashion-mnist", None)
     n_train = args.limit_train or len(read_idx(files.paths["train_labels"]))
     per_epoch = steps_per_epoch(n_train, args.n, args.batch_size)
     eval_every = max(1, per_epoch // args.evals)

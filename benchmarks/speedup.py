@@ -169,7 +169,7 @@ def main() -> None:
         print(report_saved(data, markdown, plot))
         return
 
-    files = locate("fashion-mnist", ROOT / "data")
+    files = locate("fashion-mnist", None)
     n_train = len(read_idx(files.paths["train_labels"]))
     cores = available_cores()
     rows = []

@@ -80,7 +80,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="directory for the JSON and Markdown")
     args = p.parse_args()
 
-    files = locate("fashion-mnist", ROOT / "data")
+    files = locate("fashion-mnist", None)
     w = Workload(files, n_train=len(read_idx(files.paths["train_labels"])), n_workers=args.n,
                  batch_size=args.batch_size)
     cores = available_cores()

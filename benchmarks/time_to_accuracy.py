@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args()
 
-    files = locate("fashion-mnist", ROOT / "data")
+    files = locate("fashion-mnist", None)
     n_train = len(read_idx(files.paths["train_labels"]))
     w = Workload(files, n_train=n_train, n_workers=args.n, batch_size=args.batch_size)
     per_epoch = steps_per_epoch(n_train, args.n, args.batch_size)

@@ -11,9 +11,13 @@ DataLoader with PIL transforms costs more than the model itself on these network
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.util
+import io
 import struct
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +34,8 @@ FILES = {
 }
 # Folder names torchvision uses under <root> for the IDX datasets.
 TORCHVISION_NAME = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+# Classes of the image datasets (iris names its classes in its CSV header).
+NUM_CLASSES = {"mnist": 10, "fashion-mnist": 10, "cifar10": 10}
 # Mean and std of each channel (images) or feature (iris) over the training data.
 NORMALIZATION = {
     "mnist": ((0.1307,), (0.3081,)),
@@ -48,6 +54,8 @@ IRIS_TEST_FRACTION = 0.2
 IRIS_SPLIT_SEED = 1936  # the year Fisher published the data
 # Where Debian's dataset-fashion-mnist package installs the real files.
 SYSTEM_DIRS = {"fashion-mnist": [Path("/usr/share/datasets/fashion-mnist")]}
+# The dataset root when none is given, relative to the working directory.
+DEFAULT_DATA_DIR = Path("data")
 
 _IDX_DTYPE = {0x08: np.uint8}
 
@@ -70,31 +78,45 @@ def _find_in(directory: Path) -> dict[str, str] | None:
     return found
 
 
-def locate(name: str, data_dir: str | Path, download: bool = True) -> DatasetFiles:
-    """Find a dataset's files: data_dir, then system packages, then a download.
+def locate(name: str, data_dir: str | Path | None, download: bool = True) -> DatasetFiles:
+    """Find a dataset's files (their paths are absolute).
+
+    data_dir None: DEFAULT_DATA_DIR, then the system copies (SYSTEM_DIRS; iris: scikit-learn's),
+    then a download into DEFAULT_DATA_DIR. An explicit data_dir: there only, then a download
+    into it, so that a run never reads files other than the ones it was pointed at.
 
     Raises:
         UserError: naming where the files were looked for and what to do.
     """
+    explicit = data_dir is not None
+    root = Path(data_dir if explicit else DEFAULT_DATA_DIR).absolute()
     if name == "cifar10":
-        return _locate_cifar10(Path(data_dir), download)
+        return _locate_cifar10(root, download)
     if name == "iris":
-        return _locate_iris(Path(data_dir))
-    raw_dir = Path(data_dir) / TORCHVISION_NAME[name] / "raw"
-    for directory in [raw_dir, *SYSTEM_DIRS.get(name, [])]:
+        return _locate_iris(root, system=not explicit)
+    raw_dir = root / TORCHVISION_NAME[name] / "raw"
+    system_dirs = SYSTEM_DIRS.get(name, [])
+    for directory in [raw_dir] if explicit else [raw_dir, *system_dirs]:
         found = _find_in(directory)
         if found:
             return DatasetFiles(name, found)
     if download:
-        error = _download(name, Path(data_dir))
+        error = _download(name, root)
         found = _find_in(raw_dir)
         if found:
             return DatasetFiles(name, found)
     else:
         error = "download disabled"
-    hint = " or install Debian's dataset-fashion-mnist" if name == "fashion-mnist" else ""
-    raise UserError(f"{name} not found in {raw_dir} and could not be downloaded ({error}): "
-                    f"put the four IDX files there{hint}, or run where the internet is reachable")
+    installed = [str(d) for d in system_dirs if _find_in(d)]
+    where = str(raw_dir) if explicit or not system_dirs else f"{raw_dir} nor in {', '.join(map(str, system_dirs))}"
+    if explicit and installed:
+        hint = f" (a copy is installed in {installed[0]}: leave out --data-dir to use it)"
+    elif not explicit and name == "fashion-mnist":
+        hint = " (or install Debian's dataset-fashion-mnist)"
+    else:
+        hint = ""
+    raise UserError(f"{name} not found in {where} and could not be downloaded ({error}): "
+                    f"put the four IDX files in {raw_dir}, or run where the internet is reachable{hint}")
 
 
 def _locate_cifar10(data_dir: Path, download: bool) -> DatasetFiles:
@@ -111,11 +133,8 @@ def _locate_cifar10(data_dir: Path, download: bool) -> DatasetFiles:
     if download:
         from torchvision.datasets.utils import download_and_extract_archive
 
-        try:
-            download_and_extract_archive(CIFAR10_URL, str(data_dir), md5=CIFAR10_MD5)
-            error = ""
-        except Exception as e:  # any failure becomes the one-line message below
-            error = str(e).splitlines()[0] if str(e) else type(e).__name__
+        error = _attempt_download(
+            lambda: download_and_extract_archive(CIFAR10_URL, str(data_dir), md5=CIFAR10_MD5), data_dir)
         files = found()
         if files:
             return files
@@ -123,29 +142,85 @@ def _locate_cifar10(data_dir: Path, download: bool) -> DatasetFiles:
                     f"{CIFAR10_URL} into {data_dir}, or run where the internet is reachable")
 
 
-def _locate_iris(data_dir: Path) -> DatasetFiles:
-    """data_dir/iris/iris.csv, else the copy inside scikit-learn (found without importing it)."""
+def _locate_iris(data_dir: Path, system: bool) -> DatasetFiles:
+    """data_dir/iris/iris.csv, else (if system) the copy inside scikit-learn, found without importing it."""
     candidates = [data_dir / "iris" / "iris.csv"]
-    spec = importlib.util.find_spec("sklearn")
+    spec = importlib.util.find_spec("sklearn") if system else None
     if spec is not None and spec.origin:
         candidates.append(Path(spec.origin).parent / "datasets" / "data" / "iris.csv")
     for path in candidates:
         if path.is_file():
             return DatasetFiles("iris", {"csv": str(path)})
+    if not system:
+        raise UserError(f"iris not found in {candidates[0]}: put scikit-learn's iris.csv there, "
+                        "or leave out --data-dir to use scikit-learn's copy")
     raise UserError(f"iris not found in {candidates[0]} nor in scikit-learn: install scikit-learn "
                     "(pip install scikit-learn) or put its iris.csv there")
 
 
 def _download(name: str, root: Path) -> str:
+    """Download an IDX dataset into root/<Name>/raw with torchvision; the failure's reason, or ""."""
     import torchvision
 
     cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST}[name]
+    # One construction downloads all four files (its `resources`), whichever split it loads.
+    return _attempt_download(lambda: cls(str(root), train=True, download=True), root / TORCHVISION_NAME[name] / "raw")
+
+
+def _attempt_download(fetch: Callable[[], object], target: Path) -> str:
+    """Run a torchvision download into `target`; on failure, the reason in one line, or "" on success.
+
+    A failure leaves nothing behind: the directories the download created on the way to
+    `target` are removed if empty, and torchvision's prints are dropped (they would only
+    precede the one-line error). On success the prints are passed on.
+    """
+    created = _missing_dirs(target)
+    output = io.StringIO()
     try:
-        cls(str(root), train=True, download=True)
-        cls(str(root), train=False, download=True)
-        return ""
-    except Exception as e:  # any failure becomes the one-line message of `locate`
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
+        with contextlib.redirect_stdout(output):
+            fetch()
+    except Exception as e:  # any failure becomes the caller's one-line message
+        _remove_empty(created)
+        return _reason(e)
+    sys.stdout.write(output.getvalue())
+    return ""
+
+
+def _missing_dirs(directory: Path) -> list[Path]:
+    """`directory` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not directory.exists() and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    return missing
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    """Remove each directory (deepest first) that is empty; rmdir refuses any that is not."""
+    for directory in directories:
+        with contextlib.suppress(OSError):
+            directory.rmdir()
+
+
+def _reason(error: Exception) -> str:
+    """One line for a download failure.
+
+    torchvision's MNIST raises "Error downloading X:\nTried MIRROR, got:\nREASON\n..." once per
+    mirror, so its first line has no reason in it: the last mirror's REASON is the one kept.
+    """
+    lines = str(error).splitlines()
+    tried = [i for i, line in enumerate(lines[:-1]) if line.startswith("Tried ") and line.endswith(", got:")]
+    if tried:
+        return lines[tried[-1] + 1]
+    return next((line for line in lines if line.strip()), type(error).__name__)
+
+
+def _check_labels(path: str | Path, labels: np.ndarray, n_classes: int) -> None:
+    """Fail at load, naming the file, on a label that would only fail at the step that draws it."""
+    bad = np.flatnonzero((labels < 0) | (labels >= n_classes))
+    if bad.size:
+        raise UserError(f"{path} is corrupt: label {labels[bad[0]]} at position {bad[0]} "
+                        f"is not a class 0-{n_classes - 1}")
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -180,8 +255,7 @@ def read_cifar10(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
                         f"{CIFAR10_RECORD}-byte CIFAR-10 records")
     records = np.frombuffer(data, dtype=np.uint8).reshape(-1, CIFAR10_RECORD)
     labels = records[:, 0]
-    if labels.max() > 9:
-        raise UserError(f"{path} is not a CIFAR-10 file: label {labels.max()} is not a class 0-9")
+    _check_labels(path, labels, NUM_CLASSES["cifar10"])
     return records[:, 1:].reshape(-1, 3, 32, 32), labels
 
 
@@ -196,8 +270,7 @@ def read_iris(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     except (OSError, UnicodeDecodeError, IndexError, ValueError) as e:
         raise UserError(f"{path} is not a readable iris.csv ({e})") from None
     labels = rows[:, -1].astype(np.int64)
-    if labels.min() < 0 or labels.max() >= len(classes):
-        raise UserError(f"{path} is corrupt: class numbers must be 0-{len(classes) - 1}")
+    _check_labels(path, labels, len(classes))
     return rows[:, :-1].astype(np.float32), labels
 
 
@@ -224,7 +297,11 @@ def read_split(files: DatasetFiles, train: bool) -> tuple[np.ndarray, np.ndarray
     else:
         prefix = "train" if train else "test"
         samples = read_idx(files.paths[f"{prefix}_images"])
-        labels = read_idx(files.paths[f"{prefix}_labels"])
+        labels_path = files.paths[f"{prefix}_labels"]
+        labels = read_idx(labels_path)
+        if labels.ndim != 1:
+            raise UserError(f"{labels_path} is not a labels file: its IDX header has {labels.ndim} dimensions, not 1")
+        _check_labels(labels_path, labels, NUM_CLASSES[files.name])
     if len(samples) != len(labels):
         raise UserError(f"{files.name}: {len(samples)} {'train' if train else 'test'} samples but {len(labels)} labels")
     return samples, labels

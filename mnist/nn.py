@@ -29,7 +29,9 @@ from mnist.model import build_model, evaluate
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train the CNN in a single process.")
     p.add_argument("--dataset", choices=DATASETS, default="mnist", help="(default: %(default)s)")
-    p.add_argument("--data-dir", default="data", help="dataset root, torchvision layout (default: %(default)s)")
+    p.add_argument("--data-dir", default=None,
+                   help="dataset root, torchvision layout; only this directory is searched "
+                        "(default: ./data, then the system's copy)")
     p.add_argument("--limit-train", type=int, default=None, metavar="K", help="train on the first K samples only")
     p.add_argument("--epochs", type=int, default=None, help="(default: 1; iris: 50)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")

@@ -29,7 +29,8 @@ def redis_address():
 def fashion_files():
     from mnist.data import locate
 
-    return locate("fashion-mnist", ROOT / "data", download=False)
+    # None: the default search, ./data and then the system copy (Debian's dataset-fashion-mnist).
+    return locate("fashion-mnist", None, download=False)
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> Path:

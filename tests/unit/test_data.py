@@ -1,8 +1,14 @@
+import dataclasses
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 from libe_cnn.errors import UserError
+from libe_cnn.plan import check_dataset
 from mnist import data
 from tests.conftest import write_cifar10, write_idx, write_iris_csv
 
@@ -109,7 +115,7 @@ def test_cifar10_damage_is_named(tmp_path):
     records = bytearray(path.read_bytes())
     records[0] = 42
     path.write_bytes(bytes(records))
-    with pytest.raises(UserError, match="label 42 is not a class"):
+    with pytest.raises(UserError, match=r"test_batch.bin is corrupt: label 42 at position 0 is not a class 0-9"):
         data.read_cifar10(path)
     path.write_bytes(bytes(records[:-1]))
     with pytest.raises(UserError, match="truncated"):
@@ -136,8 +142,9 @@ def test_iris_split_is_fixed_stratified_and_disjoint(tmp_path):
     assert train_x[0, 2].item() == pytest.approx((raw_train[0, 2] - mean[2]) / std[2], rel=1e-5)
 
 
-def test_iris_from_scikit_learn_is_the_real_set():
-    files = data.locate("iris", "no-such-dir")
+def test_iris_from_scikit_learn_is_the_real_set(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./data/iris/iris.csv: the default search falls back to scikit-learn
+    files = data.locate("iris", None)
     x, y = data.load_split(files, train=True)
     xt, yt = data.load_split(files, train=False)
     assert (len(y), len(yt)) == (120, 30) and np.bincount(yt.numpy()).tolist() == [10, 10, 10]
@@ -150,5 +157,135 @@ def test_damaged_iris_csv(tmp_path):
     with pytest.raises(UserError, match="header says 6 rows"):
         data.read_iris(path)
     path.write_text("5,4,a,b,c\n" + "5.1,3.5,1.4,0.2,7\n" * 5)
-    with pytest.raises(UserError, match="class numbers must be 0-2"):
+    with pytest.raises(UserError, match="iris.csv is corrupt: label 7 at position 0 is not a class 0-2"):
         data.read_iris(path)
+
+
+# A. Labels are checked at load, naming the file.
+
+@pytest.mark.parametrize("split, stem, gz", [("train", "train-labels-idx1-ubyte", True),
+                                             ("test", "t10k-labels-idx1-ubyte", False)])
+@pytest.mark.parametrize("bad_label", [250, 10], ids=["the-reported-byte", "one-past-the-last-class"])
+def test_bad_idx_label_is_named_at_load(tiny_dataset, split, stem, gz, bad_label):
+    raw = tiny_dataset / "FashionMNIST" / "raw"
+    n = 100 if split == "train" else 20
+    labels = np.arange(n) % 10
+    labels[17] = bad_label
+    write_idx(raw / stem, labels, gz=gz)
+    files = data.locate("fashion-mnist", tiny_dataset, download=False)
+    name = stem + (".gz" if gz else "")
+    expected = f"/{name} is corrupt: label {bad_label} at position 17 is not a class 0-9"
+    with pytest.raises(UserError, match=re.escape(expected) + "$"):
+        check_dataset(files)  # what the manager runs before any worker starts
+
+
+def test_images_given_as_labels_is_named(tiny_dataset):
+    raw = tiny_dataset / "FashionMNIST" / "raw"
+    write_idx(raw / "t10k-labels-idx1-ubyte", np.zeros((20, 28, 28)))
+    files = data.locate("fashion-mnist", tiny_dataset, download=False)
+    with pytest.raises(UserError, match="t10k-labels-idx1-ubyte is not a labels file"):
+        data.read_split(files, train=False)
+
+
+# B. An explicit data_dir is the only place looked; None is the default search.
+
+@pytest.fixture
+def system_copy(tiny_dataset, monkeypatch):
+    """tiny_dataset's files standing in for Debian's package, and an empty working directory."""
+    system = tiny_dataset / "FashionMNIST" / "raw"
+    monkeypatch.setitem(data.SYSTEM_DIRS, "fashion-mnist", [system])
+    cwd = tiny_dataset.parent / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    return system
+
+
+def test_explicit_data_dir_does_not_fall_back_to_the_system_copy(tmp_path, system_copy):
+    empty = tmp_path / "nonexistent"
+    with pytest.raises(UserError) as caught:
+        data.locate("fashion-mnist", empty, download=False)
+    message = str(caught.value)
+    assert message.startswith(f"fashion-mnist not found in {empty}/FashionMNIST/raw "), message
+    assert f"(a copy is installed in {system_copy}: leave out --data-dir to use it)" in message
+
+
+def test_default_search_is_data_then_the_system_copy(system_copy):
+    files = data.locate("fashion-mnist", None, download=False)
+    assert files.paths["train_images"] == str(system_copy / "train-images-idx3-ubyte.gz")
+    local = Path.cwd() / "data" / "FashionMNIST" / "raw"
+    local.mkdir(parents=True)
+    for path in system_copy.iterdir():
+        (local / path.name).write_bytes(path.read_bytes())
+    files = data.locate("fashion-mnist", None, download=False)
+    assert files.paths["train_images"] == str(local / "train-images-idx3-ubyte.gz")  # absolute, under the cwd
+    assert data.DatasetFiles(**dataclasses.asdict(files)) == files  # as libEnsemble carries it
+
+
+def test_default_search_names_every_place_looked(tmp_path, monkeypatch):
+    monkeypatch.setitem(data.SYSTEM_DIRS, "fashion-mnist", [tmp_path / "system"])
+    monkeypatch.chdir(tmp_path)
+    expected = f"not found in {tmp_path}/data/FashionMNIST/raw nor in {tmp_path}/system "
+    with pytest.raises(UserError, match=re.escape(expected)):
+        data.locate("fashion-mnist", None, download=False)
+
+
+def test_explicit_data_dir_does_not_fall_back_to_scikit_learns_iris(tmp_path):
+    expected = re.escape(f"iris not found in {tmp_path}/iris/iris.csv: ") + ".*leave out --data-dir"
+    with pytest.raises(UserError, match=expected):
+        data.locate("iris", tmp_path)
+
+
+# C. A failed download says why and leaves no empty folders behind (no internet needed:
+# the mirror is a local port that refuses at once).
+
+REFUSING = "http://127.0.0.1:9/"
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Downloads go straight to REFUSING, whatever proxy the environment names."""
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [REFUSING])
+    monkeypatch.setattr(data, "CIFAR10_URL", REFUSING + "cifar-10-binary.tar.gz")
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "*")
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_failed_download_says_why_and_cleans_up(tmp_path, offline, capsys, name):
+    target = tmp_path / "d" / "e"
+    with pytest.raises(UserError) as caught:
+        data.locate(name, target)
+    message = str(caught.value)
+    reason = message.split("could not be downloaded (", 1)[1].split("): ", 1)[0]
+    assert "Connection refused" in reason and "\n" not in message, message
+    assert not (tmp_path / "d").exists()  # every folder the download created, and only those
+    assert capsys.readouterr().out == ""
+
+
+def test_failed_download_keeps_what_existed(tmp_path, offline):
+    existing = tmp_path / "d"
+    (existing / "MNIST").mkdir(parents=True)
+    (existing / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="Connection refused"):
+        data.locate("mnist", existing)
+    assert sorted(p.name for p in existing.iterdir()) == ["MNIST", "keep.txt"]  # MNIST existed: kept
+    assert not (existing / "MNIST" / "raw").exists()
+
+
+def test_reason_is_the_last_mirrors_error():
+    error = RuntimeError("Error downloading x.gz:\nTried http://a/, got:\nfirst\nTried http://b/, got:\nsecond\n")
+    assert data._reason(error) == "second"
+    assert data._reason(PermissionError(13, "Permission denied")) == "[Errno 13] Permission denied"
+    assert data._reason(RuntimeError()) == "RuntimeError"
+
+
+def test_download_prints_reach_the_terminal_only_on_success(tmp_path, capsys):
+    def failing() -> None:
+        print("Downloading http://a/x.gz")
+        raise RuntimeError("Error downloading x.gz:\nTried http://a/, got:\nrefused\n")
+
+    assert data._attempt_download(failing, tmp_path / "x") == "refused"
+    assert capsys.readouterr().out == ""
+    assert data._attempt_download(lambda: print("Downloading http://a/x.gz"), tmp_path / "x") == ""
+    assert capsys.readouterr().out == "Downloading http://a/x.gz\n"
