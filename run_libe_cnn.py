@@ -14,6 +14,7 @@ import json
 import multiprocessing
 import os
 import re
+import shlex
 import sys
 from contextlib import ExitStack, chdir
 from pathlib import Path
@@ -23,10 +24,16 @@ from libe_cnn.errors import UserError
 
 
 def prepare_run_dir(path: Path) -> None:
-    if path.exists() and any(path.iterdir()):
-        raise UserError(f"run directory {path} already exists and is not empty: choose another --run-dir "
-                        "(or continue it with --resume)")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        if path.exists() and any(path.iterdir()):
+            raise UserError(f"run directory {path} already exists and is not empty: choose another --run-dir "
+                            "(or continue it with --resume)")
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".writable"  # a directory can exist and still refuse files (read-only mounts)
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot create run directory {path}: {e.strerror or e}; choose another --run-dir") from None
 
 
 def resume_point(plan) -> tuple[int, tuple[int, ...]]:
@@ -135,6 +142,7 @@ def prepare(cfg: TrainConfig, stack: ExitStack):
     from libe_cnn.plan import make_plan
     from mnist.data import locate
 
+    check_devices(cfg)
     files = locate(cfg.dataset, cfg.data_dir)  # before any worker exists: one download at most
     plan = make_plan(cfg, files)
     start = ""
@@ -149,8 +157,54 @@ def prepare(cfg: TrainConfig, stack: ExitStack):
     cfg.save(run_dir / "config.json")
     print(json.dumps(cfg.public_dict()), file=sys.stderr)
     print(f"{cfg.n_workers} workers x {cfg.batch_size} samples, {plan.steps_per_epoch} steps/epoch, "
-          f"{start}{plan.total_steps} steps on {plan.n_train} {cfg.dataset} samples -> {run_dir}", file=sys.stderr)
+          f"{start}{schedule_line(plan)} -> {run_dir}", file=sys.stderr)
+    print(f"data: {data_source(files)}", file=sys.stderr)
+    warning = oversubscription_warning(cfg)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     return plan
+
+
+def schedule_line(plan) -> str:
+    """What the run will take, in the unit its progress counts, and which samples it uses."""
+    cfg = plan.config
+    steps = f"{plan.recorded_steps} {plan.step_unit}s"
+    if cfg.strategy == "async":
+        steps += f" ({plan.total_steps} per worker)"
+    used = plan.samples_per_epoch
+    line = f"{steps} on {used} {cfg.dataset} samples per epoch"
+    if used < plan.n_train:
+        # Every worker takes whole batches from an equal shard: what does not fit is left out.
+        by_shards = plan.n_train - cfg.n_workers * (plan.n_train // cfg.n_workers)
+        line += (f" ({plan.n_train - used} of {plan.n_train} left out each epoch: {by_shards} to make "
+                 f"{cfg.n_workers} equal shards, {plan.n_train - used - by_shards} in incomplete batches)")
+    return line
+
+
+def data_source(files) -> str:
+    """Where the dataset's files were read from: their directory, or the list of files."""
+    directories = sorted({str(Path(p).parent) for p in files.paths.values()})
+    return directories[0] if len(directories) == 1 else ", ".join(sorted(files.paths.values()))
+
+
+def check_devices(cfg: TrainConfig) -> None:
+    """A GPU that is not there fails now, not after the workers have started."""
+    from libe_cnn.runtime import check_device
+
+    check_device("--gen-device", cfg.gen_device)
+    if cfg.comms == "local":  # under MPI the simulators may be on nodes this one cannot see
+        check_device("--device", cfg.device)
+
+
+def oversubscription_warning(cfg: TrainConfig) -> str | None:
+    """More simulators than cores on this node: each gets a fraction of a core."""
+    from libe_cnn.runtime import available_cores
+
+    cores = available_cores()
+    if cfg.comms != "local" or cfg.n_workers <= cores:
+        return None
+    return (f"{cfg.n_workers} workers on {cores} cores: they take turns on the cores, each holding its own copy "
+            f"of the model and data, so beyond -n {cores} more workers cost memory and add little speed")
 
 
 def mpi_world():
@@ -248,7 +302,10 @@ def launch_lines(cfg: TrainConfig, argv: list[str]) -> str:
             options.append(arg)
     ranks = cfg.n_workers + 1
     redis = f"--redis-bind 0.0.0.0 --redis-port {port}" if private else ""
-    command = " ".join(filter(None, [sys.executable, "run_libe_cnn.py", "--comms mpi", redis, *options]))
+    # Absolute paths both: the remote node starts in its home directory, not here.
+    script = str(Path(__file__).resolve())
+    command = " ".join(filter(None, [shlex.quote(sys.executable), shlex.quote(script), "--comms mpi", redis,
+                                     *map(shlex.quote, options)]))
     where = (f"a private Redis; TCP port {port} on the first node must be open to the second"
              if private else f"connects to Redis at {cfg.redis_host}:{cfg.redis_port}, which both nodes must reach")
     return "\n".join([
@@ -256,8 +313,13 @@ def launch_lines(cfg: TrainConfig, argv: list[str]) -> str:
         f"# the generator and {where}.",
         "# HOSTS lists both nodes, the first one first. More in multinode/README.md.",
         "",
-        "# Open MPI or MPICH:",
-        f"mpiexec -n {ranks} --hostfile HOSTS {command}",
+        # Spread the ranks over both nodes: by default Open MPI fills the first node's
+        # slots (its core count) before it uses the second.
+        "# Open MPI:",
+        f"mpiexec -n {ranks} --hostfile HOSTS --map-by node {command}",
+        "",
+        "# MPICH:",
+        f"mpiexec -n {ranks} -f HOSTS -ppn {-(-ranks // 2)} {command}",
         "",
         "# Slurm, inside an allocation of two nodes (salloc --nodes 2):",
         f"srun --nodes 2 --ntasks {ranks} --mpi=pmix {command}",
@@ -266,6 +328,7 @@ def launch_lines(cfg: TrainConfig, argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    cfg = None  # the log's place is known only once the options are
     try:
         cfg = config_from_args(argv)
         if "--print-launch" in argv:
@@ -281,17 +344,27 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:  # a failure inside the ensemble: one line here, details in the log
         if not _is_worker_rank():
-            log = Path(cfg.run_dir) / "ensemble.log"
-            print(f"error: {describe(e)}" + (f" ({log})" if log.exists() else ""), file=sys.stderr)
+            log = Path(cfg.run_dir) / "ensemble.log" if cfg is not None else None
+            print(f"error: {describe(e)}" + (f" ({log})" if log and log.exists() else ""), file=sys.stderr)
         return 1
     if summary is None:  # an MPI worker rank: the manager reports
         return 0
-    steady = summary.get("steady_samples_per_s")
-    print(f"done: {summary['steps']} steps, {summary['samples']} samples in {summary['wall_s']:.1f} s "
-          f"({summary['samples_per_s']:.0f} samples/s" + (f", {steady:.0f} in steady state" if steady else "")
-          + f"); test accuracy {summary['test_accuracy']:.2%}, test loss {summary['test_loss']:.4f}; "
-          f"results in {cfg.run_dir}")
+    print(done_line(summary, cfg.run_dir))
     return 0
+
+
+def done_line(summary: dict, run_dir: str) -> str:
+    """The run's result in one line, counting as the progress line did."""
+    steady = summary.get("steady_samples_per_s")
+    if summary["strategy"] == "async":
+        took = f"{summary['steps']} gradients ({summary['updates']} applied, {summary['dropped']} dropped as stale"
+        took += f", {summary['nonfinite_skipped']} non-finite)" if summary["nonfinite_skipped"] else ")"
+    else:
+        took = f"{summary['steps']} steps"
+    return (f"done: {took}, {summary['samples']} samples in {summary['wall_s']:.1f} s "
+            f"({summary['samples_per_s']:.0f} samples/s" + (f", {steady:.0f} in steady state" if steady else "")
+            + f"); test accuracy {summary['test_accuracy']:.2%}, test loss {summary['test_loss']:.4f}; "
+            f"results in {run_dir}")
 
 
 if __name__ == "__main__":

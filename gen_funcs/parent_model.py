@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import redis
 import torch
 from libensemble.comms.comms import Timeout as CommTimeout
 from libensemble.message_numbers import EVAL_GEN_TAG, FINISHED_PERSISTENT_GEN_TAG, PERSIS_STOP, STOP_TAG
@@ -85,6 +86,7 @@ class ParentModel:
         self.host_grad = self.flat_grad.numpy() if on_cpu else np.empty(self.flat_grad.numel(), np.float32)
         self.host_params = host_array(self.flat_params)
         self.optimizer = make_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr)
+        self.version = 0  # changes of the parameters so far: tells whether a saved state is current
 
     def params_for_wire(self) -> np.ndarray:
         return to_wire(self.flat_params, self.cfg.wire_dtype)
@@ -95,10 +97,12 @@ class ParentModel:
         if self.device.type != "cpu":
             copy_into(self.flat_grad, self.host_grad)
         self.optimizer.step()
+        self.version += 1
 
     def host_params_changed(self) -> None:
         """Push host_params, just changed by the aggregation math, into the model."""
         push_host_array(self.flat_params, self.host_params)
+        self.version += 1
 
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
         return evaluate(self.model, images, labels)
@@ -151,9 +155,13 @@ class GenRun:
         self.first_step = self.resumed["step"] if self.resumed else 0
         self.resumed_at = [*self.resumed["resumed_at"], self.first_step] if self.resumed else []
         self.checkpointed_step: int | None = None
+        # The checkpoint of the last step fully taken (sync, async), kept for a run that fails
+        # before its next regular checkpoint; with the parent's version it belongs to.
+        self.last_completed: tuple[dict, int] | None = None
         self.last_eval: dict | None = None
+        self.last_record: dict | None = None
         self.total_steps = plan.recorded_steps
-        self.progress = Progress(self.total_steps)
+        self.progress = Progress(self.total_steps, unit=plan.step_unit)
 
     # --- messages ---
 
@@ -269,11 +277,26 @@ class GenRun:
         })
         self.checkpointed_step = step
 
+    def completed(self, step: int, epoch: int, samples: int, loss: float, positions: list[int],
+                  counters: dict) -> None:
+        """Remember the state after a step fully taken: what a run that fails next keeps."""
+        state = {"step": step, "epoch": epoch, "samples": samples, "loss": loss, "positions": list(positions),
+                 "counters": counters}
+        self.last_completed = (state, self.parent.version)
+
+    def checkpoint_completed(self) -> bool:
+        """Checkpoint the last step fully taken, if the parent is still as it was then."""
+        if self.last_completed is None or self.last_completed[1] != self.parent.version:
+            return False
+        self.checkpoint(**self.last_completed[0])
+        return True
+
     def record(self, rows: np.ndarray, **record) -> dict:
         """Write one metrics record, with the simulators' timings from `rows`, and show progress."""
         record.update({f"sim_{name}": float(rows[name].mean()) for name in ("load_s", "compute_s", "put_s", "wait_s")})
         record.update(manager_rss_mb=rss_mb(), sim_rss_mb=float(rows["rss_mb"].max()))
         self.metrics.write(**record)
+        self.last_record = record
         self.stats.step(record)
         self.progress.update(record["step"], record["epoch"], record["loss"],
                         self.last_eval["test_accuracy"] if self.last_eval else None,
@@ -289,7 +312,7 @@ class GenRun:
         record = {"event": "eval", "step": step, "epoch": epoch, "samples": samples, "test_loss": test_loss,
                   "test_accuracy": test_acc, **extra, "eval_s": eval_s, "wall_s": time.perf_counter() - self.start}
         self.metrics.write(**record)
-        line = f"epoch {epoch + 1} step {step}: test loss {test_loss:.4f}, test accuracy {test_acc:.2%}"
+        line = f"epoch {epoch + 1} {self.plan.step_unit} {step}: test loss {test_loss:.4f}, test accuracy {test_acc:.2%}"
         if "best_worker_accuracy" in extra:
             line += f" (best single worker {extra['best_worker_accuracy']:.2%})"
         self.progress.message(line)
@@ -326,18 +349,34 @@ class GenRun:
             "store_bytes_per_step": store_bytes / steps_here,
             "store_bytes_per_sample": store_bytes / samples_here,
             "resumed_at_steps": self.resumed_at,
+            "data_files": self.plan.files.paths,
             **extra,
             "completed": step == self.total_steps,
         })
         self.plot()
 
     def abandon(self, reason: str) -> None:
-        """The run cannot go on: keep the parent as it is and say why in summary.json."""
+        """The run cannot go on: keep the parent as it is and say why in summary.json.
+
+        sync and async also checkpoint their last completed step (the periodic strategies
+        keep their last regular checkpoint: mid-round their workers' state is not here).
+        """
         self.parent.save(self.run_dir / "model.pt")
-        save_json(self.run_dir / "summary.json", {"run_id": self.cfg.run_id, "strategy": self.cfg.strategy,
-                                                 "completed": False, "error": reason,
-                                                 "wall_s": time.perf_counter() - self.start})
+        self.checkpoint_completed()
+        # The step the parent is at: the last one taken (sync, async) or recorded (the others).
+        reached = self.last_completed[0] if self.last_completed else self.last_record or {}
+        save_json(self.run_dir / "summary.json", {
+            "run_id": self.cfg.run_id, "strategy": self.cfg.strategy, "completed": False, "error": reason,
+            "steps": reached.get("step", self.first_step), "samples": reached.get("samples"),
+            "checkpoint_step": self.checkpoint_on_disk(),
+            "data_files": self.plan.files.paths, "wall_s": time.perf_counter() - self.start})
         self.plot()
+
+    def checkpoint_on_disk(self) -> int | None:
+        """The step of the run's checkpoint.pt: written here, or the one this run resumed from."""
+        if self.checkpointed_step is not None:
+            return self.checkpointed_step
+        return self.first_step if self.resumed else None
 
     def plot(self) -> None:
         """curves.png (and the data it shows, curves.json), drawn from metrics.jsonl."""
@@ -374,21 +413,23 @@ def run_sync(run: GenRun) -> None:
         skipped += len(bad)
         t3 = time.perf_counter()
         step += 1
+        epoch = (step - 1) // plan.steps_per_epoch
+        samples += int(got.rows["n_samples"].sum())
+        loss = float(got.rows["loss"].mean())
+        # The step is taken: a failure from here on keeps it (the publish goes to the store).
+        run.completed(step, epoch, samples, loss, [step] * n, {"skipped": skipped})
         if step < plan.total_steps:
             # Publish before any bookkeeping: the simulators are waiting for it.
             params_key = run.store.put(parent.params_for_wire())
             run.send(n, step, params_key=params_key)
         t4 = time.perf_counter()
-        epoch = (step - 1) // plan.steps_per_epoch
-        samples += int(got.rows["n_samples"].sum())
-        loss = float(got.rows["loss"].mean())
         run.record(got.rows, step=step, epoch=epoch, loss=loss, samples=samples, wall_s=t4 - run.start,
                    nonfinite=len(bad), gen_wait_s=got.wait_s, fetch_s=got.fetch_s, update_s=t3 - t2,
                    publish_s=t4 - t3)
         if run.eval_due(step):
             run.evaluate(step, epoch, samples)
         if run.checkpoint_due(step):
-            run.checkpoint(step, epoch, samples, loss, [step] * n, {"skipped": skipped})
+            run.checkpoint_completed()
     # Also when the run was stopped early: every worker redoes the step it was on.
     run.checkpoint(step, epoch, samples, loss, [step] * n, {"skipped": skipped})
     run.finish(step, epoch, samples, loss, nonfinite_skipped=skipped)
@@ -463,6 +504,10 @@ def run_async(run: GenRun) -> None:
             staleness_max = max(staleness_max, staleness)
             outcomes.append((staleness, used, i in bad))
         t3 = time.perf_counter()
+        # These gradients are taken: a failure from here on keeps them.
+        taken = step + len(rows)
+        run.completed(taken, (taken - 1) // (n * plan.steps_per_epoch), samples + int(rows["n_samples"].sum()),
+                      float(rows[-1]["loss"]), positions, async_counters())
         if step + len(rows) < total:
             # Only the workers that just answered are waiting; each gets the newest parameters
             # (already in the store if every gradient of this batch was dropped).
@@ -486,7 +531,7 @@ def run_async(run: GenRun) -> None:
         if step % n == 0 and run.eval_due(step // n):
             run.evaluate(step, epoch, samples)
         if step % n == 0 and run.checkpoint_due(step // n):
-            run.checkpoint(step, epoch, samples, loss, positions, async_counters())
+            run.checkpoint_completed()
     # Wait for the gradients still being computed, as sync does: libEnsemble may start the
     # generator again if it ends while simulators are busy. They are not applied.
     while step == total and in_flight > 0:
@@ -625,6 +670,15 @@ def worker_accuracies(run: GenRun, models: list[np.ndarray]) -> dict:
     return {"best_worker_accuracy": accuracies[best], "best_worker": best, "worker_accuracies": accuracies}
 
 
+def failure_reason(error: Exception) -> str:
+    """One line for summary.json on why the run could not go on."""
+    if isinstance(error, RunAborted):
+        return str(error)
+    if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
+        return f"lost the connection to Redis: {error}"
+    return f"{type(error).__name__}: {error}"
+
+
 LOOPS = {"sync": run_sync, "async": run_async}
 
 
@@ -638,8 +692,8 @@ def parent_model_gen(H, persis_info, gen_specs, libE_info):
     run = GenRun(plan, gen_specs, libE_info)
     try:
         LOOPS.get(plan.config.strategy, run_periodic)(run)
-    except RunAborted as e:
-        run.abandon(str(e))
+    except Exception as e:  # whatever ended it, what the run had is kept and the reason written down
+        run.abandon(failure_reason(e))
         raise
     finally:
         run.close()

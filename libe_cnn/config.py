@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,6 +26,8 @@ REDUCTIONS = ("sum", "mean")
 STRATEGIES = ("sync", "async", "param-avg", "weighted-param-avg", "easgd", "gossip", "local")
 # Strategies in which workers take local optimizer steps and exchange parameters every K steps.
 PERIODIC = ("param-avg", "weighted-param-avg", "easgd", "gossip")
+# Strategies whose exchange is between workers: alone, a worker would only train by itself.
+NEEDS_PEERS = ("gossip",)
 GOSSIP_TOPOLOGIES = ("random", "ring")
 ON_NONFINITE = ("stop", "skip")
 # EASGD's moving rate: alpha = beta / N with the paper's beta = 0.9 (Zhang et al. 2015, sec. 5).
@@ -46,7 +50,9 @@ class TrainConfig:
     comms: str = "local"  # libEnsemble comms: local processes or MPI ranks
     # --- data ---
     dataset: str = "mnist"
-    data_dir: str = "data"  # torchvision raw layout: <data_dir>/<Name>/raw/*-ubyte[.gz]
+    # torchvision raw layout: <data_dir>/<Name>/raw/*-ubyte[.gz]; None: ./data, then the
+    # system's copy (mnist.data.locate); a directory given is the only place looked in.
+    data_dir: str | None = None
     limit_train: int | None = None  # use only the first K training samples
     # --- training ---
     epochs: int | None = None  # default: by dataset (TRAINING_DEFAULTS, DATASET_DEFAULTS)
@@ -93,7 +99,7 @@ class TrainConfig:
         need(self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})")
         need(self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1")
         need(self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})")
-        need(self.lr > 0, f"--lr must be positive (got {self.lr})")
+        need(math.isfinite(self.lr) and self.lr > 0, f"--lr must be positive and finite (got {self.lr})")
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})")
         need(self.wire_dtype in WIRE_DTYPES,
              f"--wire-dtype must be one of {', '.join(WIRE_DTYPES)} (got {self.wire_dtype!r})")
@@ -103,7 +109,7 @@ class TrainConfig:
         need(self.redis_port is None or 0 < self.redis_port < 65536,
              f"--redis-port must be 1-65535 (got {self.redis_port})")
         for flag, device in (("--device", self.device), ("--gen-device", self.gen_device)):
-            need(device in ("auto", "cpu") or device.startswith("cuda"),
+            need(device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", device) is not None,
                  f"{flag} must be auto, cpu, cuda or cuda:K (got {device!r})")
         need(self.redis_host is None or self.redis_bind is None,
              "--redis-bind starts a private server and --redis-host names an existing one: give only one")
@@ -120,7 +126,8 @@ class TrainConfig:
             self.run_dir = str(Path("runs") / self.run_id.removeprefix("lcnn-"))
         # Absolute paths: the ensemble runs with the run directory as its working directory.
         self.run_dir = str(Path(self.run_dir).resolve())
-        self.data_dir = str(Path(self.data_dir).resolve())
+        if self.data_dir is not None:
+            self.data_dir = str(Path(self.data_dir).resolve())
 
     def _check_strategy(self, need) -> None:
         need(self.strategy in STRATEGIES,
@@ -142,6 +149,9 @@ class TrainConfig:
         need(self.elastic_alpha is None or 0 < self.elastic_alpha * self.n_workers <= 1,
              f"--elastic-alpha must be positive and at most 1/N = {1 / self.n_workers:.4g}, or the center "
              f"overshoots (got {self.elastic_alpha})")
+        need(self.strategy not in NEEDS_PEERS or self.n_workers >= 2,
+             f"--strategy {self.strategy} exchanges parameters between workers: it needs -n 2 or more "
+             f"(got -n {self.n_workers})")
         need(self.max_staleness is None or self.max_staleness >= 0,
              f"--max-staleness must be at least 0 (got {self.max_staleness})")
         need(self.on_nonfinite in ON_NONFINITE,
@@ -199,13 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default="mnist", help="(default: %(default)s)")
-    g.add_argument("--data-dir", default="data", help="dataset root, torchvision layout (default: %(default)s)")
+    g.add_argument("--data-dir", default=None,
+                   help="dataset root, torchvision layout; only this directory is searched "
+                        "(default: ./data, then the system's copy)")
     g.add_argument("--limit-train", type=int, default=None, metavar="K",
                    help="train on the first K training samples only")
 
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=None, help="(default: 1; iris: 50)")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many steps (async, which counts single gradients: N times as many)")
     g.add_argument("--batch-size", type=int, default=None,
                    help="samples per worker per step (default: 64; iris: 8)")
     g.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.001; iris: 0.01)")
@@ -313,8 +326,12 @@ def resumed_values(run_dir: str, given: dict) -> dict:
     try:
         values = json.loads(saved_path.read_text())
         known = {f.name for f in dataclasses.fields(TrainConfig)}
-        if not isinstance(values, dict) or not set(values) <= known:
-            raise ValueError("unexpected fields")
+        if not isinstance(values, dict):
+            raise ValueError("not a JSON object")
+        # The tool saves every field: one missing or unknown means someone else's file.
+        if set(values) != known:
+            odd = sorted(known ^ set(values))
+            raise ValueError(f"fields missing or unknown: {', '.join(odd[:4])}{' ...' if len(odd) > 4 else ''}")
     except ValueError as e:
         raise UserError(f"cannot resume {run_dir}: {saved_path} is not a configuration this tool wrote ({e})") from None
     allowed = {option.removeprefix("--").replace("-", "_") for option in RESUME_OPTIONS}

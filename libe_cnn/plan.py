@@ -62,6 +62,16 @@ class RunPlan:
         single gradients, N per step of the others."""
         return self.total_steps * (self.config.n_workers if self.config.strategy == "async" else 1)
 
+    @property
+    def step_unit(self) -> str:
+        """What one recorded step is: one gradient (async) or one batch on every worker."""
+        return "gradient" if self.config.strategy == "async" else "step"
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples trained on per epoch: whole batches from equal shards."""
+        return self.steps_per_epoch * self.config.batch_size * self.config.n_workers
+
 
 def check_dataset(files: DatasetFiles) -> int:
     """Read every file once, so a corrupt or truncated one fails here and not in a worker.

@@ -7,8 +7,9 @@ import time
 
 
 class Progress:
-    def __init__(self, total_steps: int, stream=sys.stderr, every_s: float = 10.0) -> None:
+    def __init__(self, total_steps: int, stream=sys.stderr, every_s: float = 10.0, unit: str = "step") -> None:
         self.total = total_steps
+        self.unit = unit  # what one step counts: a batch on every worker, or (async) one gradient
         self.stream = stream
         self.tty = stream.isatty()
         # Off a terminal, print a plain line now and then instead of redrawing one.
@@ -24,7 +25,7 @@ class Progress:
         filled = int(width * step / self.total)
         bar = "#" * filled + "." * (width - filled)
         acc = f"{accuracy:6.2%}" if accuracy is not None else "   -  "
-        line = (f"[{bar}] step {step}/{self.total} epoch {epoch + 1} "
+        line = (f"[{bar}] {self.unit} {step}/{self.total} epoch {epoch + 1} "
                 f"loss {loss:.4f} acc {acc} {samples_per_s:7.0f} samples/s")
         if self.tty:
             self.stream.write("\r" + line + ("\n" if step == self.total else ""))

@@ -70,3 +70,22 @@ def lower_manager_loop_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.main_thread().native_id, 19)
     except (AttributeError, OSError):  # not Linux, or not permitted: run unchanged
         pass
+
+
+def check_device(flag: str, device: str) -> None:
+    """A GPU named by `flag` must exist on this node.
+
+    Raises:
+        UserError: naming the option and what this node has.
+    """
+    from libe_cnn.errors import UserError
+
+    if not device.startswith("cuda"):
+        return
+    count = gpu_count()
+    if count == 0:
+        raise UserError(f"{flag} {device}: no GPU is visible on this node; use {flag} cpu (or auto)")
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        raise UserError(f"{flag} {device}: this node has {count} GPU{'s' if count > 1 else ''} "
+                        f"(cuda:0 to cuda:{count - 1})")

@@ -1,6 +1,7 @@
 """Bad input ends in one line on stderr and exit code 2, with nothing written."""
 
 import pytest
+import torch
 
 from tests.conftest import run_cli
 
@@ -11,6 +12,9 @@ from tests.conftest import run_cli
         (["-n", "0"], "-n must be at least 1"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--lr", "0"], "--lr must be positive"),
+        (["--lr", "inf"], "--lr must be positive and finite"),
+        (["--strategy", "gossip", "-n", "1"], "it needs -n 2 or more"),
+        (["--device", "cuda:x"], "--device must be auto, cpu, cuda or cuda:K"),
         (["--dataset", "fashion-mnist", "--limit-train", "10", "-n", "2"], "fewer than --batch-size"),
         (["--dataset", "fashion-mnist", "--redis-host", "127.0.0.1", "--redis-port", "1"], "cannot reach Redis"),
     ],
@@ -118,3 +122,21 @@ def test_private_redis_port_in_use(tmp_path, redis_address, fashion_files):
                      "--run-dir", str(tmp_path / "run"), timeout=60)
     one_line_exit_2(result, "choose another --redis-port")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: asking for one is no error")
+@pytest.mark.parametrize("flag", ["--device", "--gen-device"])
+def test_a_gpu_that_is_not_there_is_refused_before_start(tmp_path, flag):
+    result = run_cli("run_libe_cnn.py", "--dataset", "fashion-mnist", flag, "cuda", "--run-dir", str(tmp_path / "run"),
+                     timeout=60)
+    one_line_exit_2(result, f"{flag} cuda: no GPU is visible on this node")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("where, reason", [("/proc/libe-cnn-run", "No such file or directory"),
+                                           ("file/run", "Not a directory")])
+def test_a_run_directory_that_cannot_be_created_is_one_line(tmp_path, fashion_files, where, reason):
+    (tmp_path / "file").write_text("a regular file")
+    run_dir = where if where.startswith("/") else str(tmp_path / where)
+    result = run_cli("run_libe_cnn.py", "--dataset", "fashion-mnist", "--run-dir", run_dir, timeout=60)
+    one_line_exit_2(result, f"cannot create run directory {run_dir}: {reason}")

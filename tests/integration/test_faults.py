@@ -105,7 +105,14 @@ def test_a_killed_redis_server_ends_the_run(tmp_path, fashion_files):
     error = ends_fast_and_clean(proc, killed_at, everyone)
     assert "Redis" in error, error
     model_is_intact(run_dir)
-    last_checkpoint_step(run_dir)
+    # What is kept is what the summary says: the last step the generator completed.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["completed"] is False and "Redis" in summary["error"], summary
+    checkpoint_step = torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"]
+    assert checkpoint_step == summary["checkpoint_step"] == summary["steps"], summary
+    # Its metrics record is written after the step's parameters are published: it may be the one lost.
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) in (checkpoint_step - 1, checkpoint_step)
 
 
 # SGD at this learning rate blows the weights up in one step: from the second step on, every

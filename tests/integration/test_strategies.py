@@ -74,6 +74,11 @@ def test_async_drops_gradients_older_than_max_staleness(tmp_path, fashion_files)
     assert all(r["dropped"] == (r["staleness"] > 0) for r in steps)
     assert summary["dropped"] == sum(r["dropped"] for r in steps) > 0
     assert summary["updates"] == 30 - summary["dropped"]
+    # One count everywhere, named for what it counts: the header, the progress line, the done line.
+    err = result.stderr
+    assert "30 gradients (10 per worker)" in err and "gradient 30/30" in err and "gradient 30: test" in err, err
+    assert (f"done: 30 gradients ({summary['updates']} applied, {summary['dropped']} dropped as stale)"
+            in result.stdout), result.stdout
 
 
 # --- parity: the ensemble computes exactly what one process computes with the same math ---

@@ -36,7 +36,8 @@ def test_defaults_resolve_paths_and_run_id(tmp_path, monkeypatch):
     cfg = TrainConfig()
     assert cfg.run_id.startswith("lcnn-")
     assert cfg.run_dir.startswith(str(tmp_path / "runs"))
-    assert cfg.data_dir == str(tmp_path / "data")
+    assert cfg.data_dir is None  # the default search (mnist.data.locate), not one directory
+    assert TrainConfig(data_dir="d").data_dir == str(tmp_path / "d")
     assert TrainConfig().run_id != cfg.run_id
 
 
@@ -156,3 +157,30 @@ def test_resume_takes_the_saved_config_and_only_the_options_that_may_change(tmp_
     (run_dir / "config.json").write_text('{"lr": 0.1, "colour": "red"}')
     with pytest.raises(UserError, match="not a configuration this tool wrote"):
         config_from_args(["--resume", str(run_dir)])
+
+
+@pytest.mark.parametrize("saved", ["{}", '{"lr": 0.1}', "[]"])
+def test_resume_of_a_config_missing_fields_is_one_line(tmp_path, capsys, saved):
+    from run_libe_cnn import main
+
+    (tmp_path / "config.json").write_text(saved)
+    with pytest.raises(UserError, match="not a configuration this tool wrote"):
+        config_from_args(["--resume", str(tmp_path)])
+    assert main(["--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a configuration this tool wrote" in err
+
+
+def test_peer_strategies_need_two_workers(tmp_path):
+    with pytest.raises(UserError, match="--strategy gossip exchanges parameters between workers: it needs -n 2"):
+        TrainConfig(strategy="gossip", n_workers=1, run_dir=str(tmp_path))
+    cfg = TrainConfig(strategy="gossip", n_workers=2, run_dir=str(tmp_path))
+    with pytest.raises(UserError, match="needs -n 2"):  # an MPI launch sets N after parsing
+        dataclasses.replace(cfg, n_workers=1)
+    TrainConfig(strategy="param-avg", n_workers=1, run_dir=str(tmp_path))  # fine alone: averages one model
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_a_learning_rate_must_be_a_finite_number(tmp_path, value):
+    with pytest.raises(UserError, match="--lr must be positive and finite"):
+        config_from_args([f"--lr={value}", "--run-dir", str(tmp_path)])

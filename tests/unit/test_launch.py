@@ -1,15 +1,19 @@
-"""--print-launch: the two-node launch lines for the options given."""
+"""What the launcher prints: the --print-launch lines, the run's schedule, the oversubscription warning."""
 
 import shlex
+from pathlib import Path
 
-from libe_cnn.config import config_from_args
-from run_libe_cnn import launch_lines, main
+from libe_cnn.config import TrainConfig, config_from_args
+from libe_cnn.plan import RunPlan
+from mnist.data import DatasetFiles, steps_per_epoch
+from run_libe_cnn import launch_lines, main, oversubscription_warning, schedule_line
 
 
 def launched_args(line: str) -> list[str]:
     """The run_libe_cnn.py options of a printed launch line."""
     words = shlex.split(line)
-    return words[words.index("run_libe_cnn.py") + 1 :]
+    [script] = [i for i, word in enumerate(words) if word.endswith("run_libe_cnn.py")]
+    return words[script + 1 :]
 
 
 def test_launch_lines_run_the_same_options_on_n_plus_one_ranks(tmp_path):
@@ -42,3 +46,38 @@ def test_print_launch_prints_and_runs_nothing(tmp_path, capsys):
 def test_print_launch_checks_the_options_first(capsys):
     assert main(["--lr", "0", "--print-launch"]) == 2
     assert "--lr must be positive" in capsys.readouterr().err
+
+
+def test_launch_lines_use_absolute_paths_and_spread_ranks_over_both_nodes(tmp_path):
+    argv = ["-n", "3", "--run-dir", str(tmp_path / "my runs")]
+    lines = launch_lines(config_from_args(argv), argv).splitlines()
+    openmpi, mpich = (next(line for line in lines if line.startswith("mpiexec") and flag in line)
+                      for flag in ("--map-by node", "-ppn 2"))
+    for line in (openmpi, mpich):
+        words = shlex.split(line)
+        script = next(w for w in words if w.endswith("run_libe_cnn.py"))
+        assert Path(script).is_absolute() and Path(script).is_file()
+        assert Path(words[words.index(script) - 1]).is_absolute()  # the interpreter
+        assert config_from_args(launched_args(line)).run_dir == str(tmp_path / "my runs")  # quoted
+
+
+def test_more_workers_than_cores_warns_once(monkeypatch, tmp_path):
+    import libe_cnn.runtime
+
+    monkeypatch.setattr(libe_cnn.runtime, "available_cores", lambda: 2)
+    assert oversubscription_warning(TrainConfig(n_workers=2, run_dir=str(tmp_path))) is None
+    warning = oversubscription_warning(TrainConfig(n_workers=12, run_dir=str(tmp_path)))
+    assert "12 workers on 2 cores" in warning and "-n 2" in warning
+
+
+def test_the_schedule_says_which_samples_are_used_and_why_not_the_rest(tmp_path):
+    def line(n, batch, n_train, strategy="sync"):
+        cfg = TrainConfig(n_workers=n, batch_size=batch, strategy=strategy, run_dir=str(tmp_path))
+        per_epoch = steps_per_epoch(n_train, n, batch)
+        return schedule_line(RunPlan(cfg, DatasetFiles("mnist", {}), None, n_train, per_epoch, per_epoch))
+
+    # 7 shards of 585 (5 left over), 9 batches of 64 from each (9 left over per shard).
+    assert line(7, 64, 4100) == ("9 steps on 4032 mnist samples per epoch (68 of 4100 left out each epoch: "
+                                 "5 to make 7 equal shards, 63 in incomplete batches)")
+    assert line(2, 50, 1000) == "10 steps on 1000 mnist samples per epoch"
+    assert line(2, 50, 1000, "async").startswith("20 gradients (10 per worker) on 1000")
