@@ -1,4 +1,10 @@
-"""The run's tensor store: ProxyStore on Redis, with run-scoped keys and the raw codec.
+"""The run's tensor store: ProxyStore's Store on Redis, with run-scoped keys and the raw codec.
+
+ProxyStore's role is small: its Store (no proxies, no cache) encodes and writes every tensor,
+and reads or deletes one key at a time, through the connector below. Reads and deletes of
+several keys go to the connector directly, as one MGET or DEL: Store 1.1 has no batch get or
+evict, and a round trip per key measured +0.13 ms for 2 keys and +0.39 ms for 4 (1 KB arrays;
+deleting 4: +0.3 ms), where Store's own layer adds 0.01-0.04 ms to a one-key call.
 
 ProxyStore's stock RedisConnector cannot authenticate, cannot set the client's read size
 and flushes the whole database on close, so the run uses the connector below instead.
@@ -17,6 +23,7 @@ import numpy as np
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
+from proxystore.serialize import SerializationError
 from proxystore.store import Store
 
 from libe_cnn import codec
@@ -92,6 +99,7 @@ class RunRedisConnector:
         self._client.close()
 
     def config(self) -> dict[str, Any]:
+        # Store calls it (its repr when created, its config for proxies); ProxyStore rebuilds with cls(**config).
         return {
             "host": self.address.host,
             "port": self.address.port,
@@ -101,40 +109,38 @@ class RunRedisConnector:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> RunRedisConnector:
+        # Part of ProxyStore's Connector protocol (the type Store is declared over); the run never calls it.
         return cls(**config)
-
-    def new_key(self, obj: bytes | None = None) -> RunKey:
-        return RunKey(f"{self.namespace}:{uuid.uuid4().hex}")
 
     def _checked(self, key: RunKey) -> str:
         if not key.redis_key.startswith(self.namespace + ":"):
             raise KeyError(f"key {key.redis_key!r} does not belong to run {self.namespace!r}")
         return key.redis_key
 
-    def put(self, obj: bytes) -> RunKey:
-        key = self.new_key()
+    def put(self, obj: bytes, name: str | None = None) -> RunKey:
+        """Store.put(..., name=...) passes `name` here: a key others can predict, else a fresh one."""
+        key = RunKey(f"{self.namespace}:{uuid.uuid4().hex if name is None else name}")
         self._client.set(key.redis_key, obj)
         return key
 
     def put_batch(self, objs: Sequence[bytes]) -> list[RunKey]:
-        keys = [self.new_key() for _ in objs]
+        # Part of ProxyStore's Connector protocol (Store.put_batch); the run never calls it.
+        keys = [RunKey(f"{self.namespace}:{uuid.uuid4().hex}") for _ in objs]
         with self._client.pipeline(transaction=False) as pipe:
             for key, obj in zip(keys, objs):
                 pipe.set(key.redis_key, obj)
             pipe.execute()
         return keys
 
-    def set(self, key: RunKey, obj: bytes) -> None:
-        self._client.set(self._checked(key), obj)
-
     def get(self, key: RunKey) -> bytes | None:
         return self._client.get(self._checked(key))
 
     def get_batch(self, keys: Sequence[RunKey]) -> list[bytes | None]:
         # One round trip for all N workers' buffers instead of N.
-        return self._client.mget([self._checked(k) for k in keys])
+        return self._client.mget([self._checked(k) for k in keys]) if keys else []
 
     def exists(self, key: RunKey) -> bool:
+        # Part of ProxyStore's Connector protocol (Store.exists); the run never calls it.
         return bool(self._client.exists(self._checked(key)))
 
     def evict(self, key: RunKey) -> None:
@@ -146,7 +152,11 @@ class RunRedisConnector:
 
 
 class TensorStore:
-    """Puts and gets flat numpy buffers by string key, for libEnsemble rows to carry."""
+    """Puts and gets flat numpy buffers by string key, for libEnsemble rows to carry.
+
+    One key at a time goes through ProxyStore's Store; several at once, to the connector's
+    MGET and DEL (see the module docstring for why).
+    """
 
     def __init__(self, address: RedisAddress, run_id: str) -> None:
         connector = RunRedisConnector(address.host, address.port, address.password, run_id)
@@ -162,20 +172,24 @@ class TensorStore:
 
     def put(self, array: np.ndarray, name: str | None = None) -> str:
         """Store `array` under a fresh key, or under `key(name)` for a key others can predict."""
-        if name is None:
-            return self._store.put(array).redis_key
-        key = self.key(name)
-        self._connector.set(RunKey(key), codec.encode(array))
-        return key
+        return self._store.put(array, name=name).redis_key
 
     def key(self, name: str) -> str:
         """The full key of a named entry of this run."""
         return f"{self._connector.namespace}:{name}"
 
     def get(self, key: str) -> np.ndarray:
-        return self.get_many([key])[0]
+        try:
+            array = self._store.get(RunKey(key))
+        except SerializationError as e:  # Store wraps the codec's error: pass on the codec's own
+            raise codec.CodecError(f"store key {key!r}: {e.__cause__}") from e.__cause__
+        if array is None:
+            raise KeyError(f"store keys missing: {[key]}")
+        return array
 
     def get_many(self, keys: Sequence[str]) -> list[np.ndarray]:
+        if len(keys) == 1:
+            return [self.get(keys[0])]
         blobs = self._connector.get_batch([RunKey(k) for k in keys])
         missing = [k for k, b in zip(keys, blobs) if b is None]
         if missing:
@@ -183,7 +197,10 @@ class TensorStore:
         return [codec.decode(b) for b in blobs]
 
     def evict(self, keys: Sequence[str]) -> None:
-        self._connector.evict_batch([RunKey(k) for k in keys])
+        if len(keys) == 1:
+            self._store.evict(RunKey(keys[0]))
+        else:
+            self._connector.evict_batch([RunKey(k) for k in keys])
 
     def close(self) -> None:
         self._store.close()

@@ -125,3 +125,69 @@ def test_liveness_sees_a_worker_stop_beating(redis_address):
     assert check.lost() == [0, 1]
     assert run_keys(redis_address, "run-live") == []
     check.close()
+
+
+def test_one_key_goes_through_proxystore_and_several_through_one_batch_call(redis_address):
+    from unittest import mock
+
+    store = TensorStore(redis_address, "run-g")
+    arrays = [np.arange(4, dtype=np.float32) + i for i in range(3)]
+    with mock.patch.object(store._store, "put", wraps=store._store.put) as put, \
+         mock.patch.object(store._store, "get", wraps=store._store.get) as get, \
+         mock.patch.object(store._store, "evict", wraps=store._store.evict) as evict, \
+         mock.patch.object(store._connector, "get_batch", wraps=store._connector.get_batch) as get_batch, \
+         mock.patch.object(store._connector, "evict_batch", wraps=store._connector.evict_batch) as evict_batch:
+        keys = [store.put(arrays[0]), store.put(arrays[1], "named-1"), store.put(arrays[2], "named-2")]
+        assert put.call_count == 3 and keys[1:] == ["run-g:named-1", "run-g:named-2"]
+        np.testing.assert_array_equal(store.get(keys[1]), arrays[1])
+        np.testing.assert_array_equal(store.get_many([keys[2]])[0], arrays[2])
+        assert get.call_count == 2 and get_batch.call_count == 0
+        for got, want in zip(store.get_many(keys), arrays):  # several: one MGET, not Store.get each
+            np.testing.assert_array_equal(got, want)
+        assert get.call_count == 2 and get_batch.call_count == 1
+        store.evict([keys[0]])
+        assert evict.call_count == 1 and evict_batch.call_count == 0
+        store.evict(keys[1:])
+        assert evict.call_count == 1 and evict_batch.call_count == 1
+    assert run_keys(redis_address, "run-g") == []
+    with pytest.raises(KeyError, match="missing"):
+        store.get_many(keys[1:])
+    assert store.get_many([]) == []
+    store.close()
+
+
+def test_a_bad_payload_is_a_codec_error_on_both_read_paths(redis_address):
+    store = TensorStore(redis_address, "run-h")
+    good = store.put(np.ones(3, np.float32))
+    with redis_address.client() as client:
+        client.set("run-h:bad", b"not a tensor")
+    with pytest.raises(codec.CodecError, match="run-h:bad.*bad magic"):
+        store.get("run-h:bad")  # through the Store, which wraps the codec's error
+    with pytest.raises(codec.CodecError):
+        store.get_many([good, "run-h:bad"])  # through one MGET
+    with pytest.raises(KeyError, match="does not belong"):
+        store.get("run-x:1")
+    delete_run_keys(redis_address, "run-h")
+    store.close()
+
+
+def test_connector_meets_proxystores_protocol_and_config_round_trip(redis_address):
+    from proxystore.connectors.protocols import Connector
+    from proxystore.store import Store
+
+    store = TensorStore(redis_address, "run-i")
+    connector = store._connector
+    assert isinstance(connector, Connector)
+    assert redis_address.password not in repr(store._store)  # the connector's repr leaves it out
+    # How ProxyStore rebuilds a store elsewhere (e.g. to resolve a proxy): cls(**connector.config()).
+    copy = Store.from_config(store._store.config())
+    again = RunRedisConnector.from_config(connector.config())
+    keys = connector.put_batch([codec.encode(np.full(2, i, np.float32)) for i in range(2)])
+    assert all(connector.exists(k) and k.redis_key.startswith("run-i:") for k in keys)
+    np.testing.assert_array_equal(copy.get(keys[1]), np.full(2, 1, np.float32))
+    assert codec.decode(again.get(keys[0]))[0] == 0
+    again.evict_batch(keys)
+    assert not connector.exists(keys[0])
+    for s in (copy, store):
+        s.close()
+    again.close()
