@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from libe_cnn.redis_server import free_port
 from libe_cnn.runtime import set_threads
-from mnist.data import DatasetFiles, epoch_order, load_shard
+from mnist.data import BatchOrder, load_shard
+from libe_cnn.plan import DatasetFiles
 from mnist.model import build_model, evaluate, make_optimizer
 
 
@@ -61,10 +62,13 @@ def trainer_options(w: Workload) -> list[str]:
             "--optimizer", w.optimizer, "--seed", str(w.seed)]
 
 
-def _batches(w: Workload, shard_x, shard_y, shard: int, step: int):
-    per_epoch = len(shard_y) // w.batch_size
-    epoch, b = divmod(step, per_epoch)
-    pos = torch.from_numpy(epoch_order(len(shard_y), w.seed, shard, epoch)[b * w.batch_size : (b + 1) * w.batch_size])
+def _batch_order(w: Workload, shard_y, shard: int) -> BatchOrder:
+    """The shard's batches in the trainer's order; as in the trainer, each epoch's order is drawn once."""
+    return BatchOrder(len(shard_y), w.seed, shard, len(shard_y) // w.batch_size, w.batch_size)
+
+
+def _batches(order: BatchOrder, shard_x, shard_y, step: int):
+    pos = torch.from_numpy(order.positions(step))
     return shard_x[pos], shard_y[pos]
 
 
@@ -72,13 +76,14 @@ def single_process(w: Workload, threads: int, steps: int, warmup: int, union: bo
     """Samples/s of one process: one worker's batch (union=False) or all N workers' (union=True)."""
     set_threads(threads)
     shards = [load_shard(w.files, w.n_train, w.n_workers, s, w.seed) for s in range(w.n_workers if union else 1)]
+    orders = [_batch_order(w, y, s) for s, (_, y) in enumerate(shards)]
     model = build_model(w.seed).train()
     optimizer = make_optimizer(w.optimizer, model.parameters(), w.lr)
     samples, start = 0, None
     for step in range(warmup + steps):
         if step == warmup:
             start, samples = time.perf_counter(), 0
-        parts = [_batches(w, x, y, s, step) for s, (x, y) in enumerate(shards)]
+        parts = [_batches(order, x, y, step) for order, (x, y) in zip(orders, shards)]
         x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         optimizer.zero_grad()
         F.nll_loss(model(x), y).backward()
@@ -94,6 +99,7 @@ def _ddp_rank(rank: int, w: Workload, threads: int, steps: int, warmup: int, por
     dist.init_process_group("gloo", rank=rank, world_size=w.n_workers)
     try:
         x, y = load_shard(w.files, w.n_train, w.n_workers, rank, w.seed)
+        order = _batch_order(w, y, rank)
         torch.manual_seed(w.seed * 7919 + rank + 1)
         model = torch.nn.parallel.DistributedDataParallel(build_model(w.seed).train())
         optimizer = make_optimizer(w.optimizer, model.parameters(), w.lr)
@@ -105,7 +111,7 @@ def _ddp_rank(rank: int, w: Workload, threads: int, steps: int, warmup: int, por
             if step == warmup:
                 dist.barrier()
                 start, samples, eval_s = time.perf_counter(), 0, 0.0
-            bx, by = _batches(w, x, y, rank, step)
+            bx, by = _batches(order, x, y, step)
             optimizer.zero_grad()
             F.nll_loss(model(bx), by).backward()  # DDP all-reduces (averages) during backward
             optimizer.step()

@@ -71,7 +71,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.baselines import report_saved, write_report  # noqa: E402
 from libe_cnn.runtime import available_cores, set_threads  # noqa: E402
-from mnist.data import DatasetFiles, epoch_order, load_shard, load_split, locate, read_idx  # noqa: E402
+from mnist.data import BatchOrder, dropout_seed, load_shard, load_split, locate, read_idx  # noqa: E402
+from libe_cnn.plan import DatasetFiles  # noqa: E402
 from mnist.model import build_model, evaluate, make_optimizer  # noqa: E402
 
 STEM = "batch-scaling"
@@ -121,11 +122,6 @@ def eval_every(batch: int, eval_samples: int) -> int:
     return max(1, round(eval_samples / batch))
 
 
-def dropout_seed(seed: int, shard: int, batch_index: int) -> int:
-    """The dropout seed of a worker's batch, as sim_funcs/child_trainer.py draws it."""
-    return (seed * 1_000_003 + shard) * 1_000_003 + batch_index
-
-
 def train_to_target(x: torch.Tensor, y: torch.Tensor, tests: TestSets, s: Settings, batch: int, lr: float,
                     max_steps: int) -> dict:
     """Train from the initial weights until the target or max_steps; the run's record."""
@@ -135,13 +131,10 @@ def train_to_target(x: torch.Tensor, y: torch.Tensor, tests: TestSets, s: Settin
     every = eval_every(batch, s.eval_samples)
     evaluations: list[dict] = []
     start = time.perf_counter()
-    order = torch.empty(0, dtype=torch.long)
+    batches = BatchOrder(len(y), s.seed, 0, per_epoch, batch)  # the trainer's recipe, as its one worker
     stopped, steps_to_target, done = "budget", None, 0
     for step in range(max_steps):
-        epoch, b = divmod(step, per_epoch)
-        if b == 0:
-            order = torch.from_numpy(epoch_order(len(y), s.seed, 0, epoch))
-        idx = order[b * batch : (b + 1) * batch]
+        idx = torch.from_numpy(batches.positions(step))
         torch.manual_seed(dropout_seed(s.seed, 0, step))
         optimizer.zero_grad()
         loss = F.nll_loss(model(x[idx]), y[idx])

@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.baselines import run_trainer  # noqa: E402
 from libe_cnn.config import STRATEGIES  # noqa: E402
-from mnist.data import locate, read_idx, steps_per_epoch  # noqa: E402
+from mnist.data import locate, read_idx  # noqa: E402
+from libe_cnn.plan import steps_per_epoch  # noqa: E402
 
 def curve(records: list[dict]) -> list[dict]:
     return [{"samples": r["samples"], "wall_s": r["wall_s"], "test_accuracy": r["test_accuracy"]}

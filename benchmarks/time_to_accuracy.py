@@ -20,7 +20,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.baselines import Workload, ddp, run_trainer, trainer_options  # noqa: E402
 from libe_cnn.runtime import available_cores, threads_per_worker  # noqa: E402
-from mnist.data import load_split, locate, read_idx, steps_per_epoch  # noqa: E402
+from mnist.data import load_split, locate, read_idx  # noqa: E402
+from libe_cnn.plan import steps_per_epoch  # noqa: E402
 
 
 def first_reaching(curve: list[dict], target: float) -> dict | None:

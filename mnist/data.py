@@ -1,4 +1,4 @@
-"""The datasets as tensors, their even shards, and the per-epoch batch order.
+"""The datasets as tensors, their even shards, and which batches and dropout seeds each step uses.
 
     mnist, fashion-mnist  IDX files (optionally gzipped) in torchvision's raw layout
     cifar10               CIFAR-10's binary version: 3073-byte records (label, then the
@@ -18,13 +18,13 @@ import io
 import struct
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from libe_cnn.errors import UserError
+from libe_cnn.plan import DatasetFiles
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -58,12 +58,6 @@ SYSTEM_DIRS = {"fashion-mnist": [Path("/usr/share/datasets/fashion-mnist")]}
 DEFAULT_DATA_DIR = Path("data")
 
 _IDX_DTYPE = {0x08: np.uint8}
-
-
-@dataclass(frozen=True)
-class DatasetFiles:
-    name: str
-    paths: dict[str, str]  # FILES key -> path of the file (.gz or raw)
 
 
 def _find_in(directory: Path) -> dict[str, str] | None:
@@ -340,14 +334,69 @@ def shard_indices(n_samples: int, n_shards: int, shard: int, seed: int) -> np.nd
     return np.sort(order[shard * size : (shard + 1) * size])
 
 
+# --- The reproducibility recipe ------------------------------------------------------------
+# What a worker computes at its batch number `step` (counted from the start of training, not
+# from the start of the epoch) depends on (seed, shard, step) only: which samples it takes
+# (batch_positions / BatchOrder, from epoch_order) and which dropout masks it draws
+# (dropout_seed). A resumed run therefore repeats an uninterrupted one exactly. The trainer,
+# mnist/nn.py, the benchmarks and the tests take their batches from here, and the trainer and
+# benchmarks/batch_scaling.py their dropout seeds: changing either changes every run's numbers.
+
+
 def epoch_order(shard_size: int, seed: int, shard: int, epoch: int) -> np.ndarray:
     """The order in which one shard's samples are visited in one epoch (positions in the shard)."""
     return np.random.default_rng([seed, shard, epoch]).permutation(shard_size)
 
 
-def steps_per_epoch(n_train: int, n_workers: int, batch_size: int) -> int:
-    """Optimizer steps per epoch: every worker takes full batches from its shard."""
-    return (n_train // n_workers) // batch_size
+class BatchOrder:
+    """One worker's batches, in order: `positions(step)` of its batch number `step`.
+
+    Epoch e is epoch_order(..., e) cut into steps_per_epoch consecutive batches of batch_size;
+    the last shard_size - steps_per_epoch * batch_size positions of that order go unused.
+    Only the current epoch's order is kept: it costs ~0.3 ms to draw for 30,000 samples,
+    which per-step callers should not pay at every step.
+    """
+
+    def __init__(self, shard_size: int, seed: int, shard: int, steps_per_epoch: int, batch_size: int) -> None:
+        if batch_size < 1 or steps_per_epoch < 1 or steps_per_epoch * batch_size > shard_size:
+            raise ValueError(f"{steps_per_epoch} steps of {batch_size} samples do not fit in one epoch "
+                             f"of a {shard_size}-sample shard")
+        self.shard_size, self.seed, self.shard = shard_size, seed, shard
+        self.steps_per_epoch, self.batch_size = steps_per_epoch, batch_size
+        self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
+
+    def positions(self, step: int) -> np.ndarray:
+        """Positions in the shard of the batch number `step`: batch_size of them, a view not to write to."""
+        if step < 0:
+            raise ValueError(f"batch number {step} is negative")
+        epoch, b = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._order = epoch_order(self.shard_size, self.seed, self.shard, epoch)
+            self._epoch = epoch
+        return self._order[b * self.batch_size : (b + 1) * self.batch_size]
+
+
+def batch_positions(shard_size: int, seed: int, shard: int, step: int, steps_per_epoch: int,
+                    batch_size: int) -> np.ndarray:
+    """BatchOrder(...).positions(step) without the cache: for callers that want one batch."""
+    return BatchOrder(shard_size, seed, shard, steps_per_epoch, batch_size).positions(step)
+
+
+def dropout_seed(seed: int, shard: int, batch: int) -> int:
+    """The torch seed set before the forward pass on a worker's batch number `batch`.
+
+    Workers draw different masks, and a resumed run draws the same ones as an uninterrupted one.
+    """
+    return (seed * 1_000_003 + shard) * 1_000_003 + batch
+
+
+def check_dataset(files: DatasetFiles) -> int:
+    """Read every file once, so a corrupt or truncated one fails here and not in a worker.
+
+    Returns the number of training samples.
+    """
+    read_split(files, train=False)
+    return len(read_split(files, train=True)[1])
 
 
 def load_shard(files: DatasetFiles, n_train: int, n_shards: int, shard: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,27 +18,28 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mnist.model import make_optimizer
-from libe_cnn.config import DATASETS, OPTIMIZERS, fill_training_defaults
+from libe_cnn.config import DATASETS, OPTIMIZERS, TrainConfig, dataset_default, fill_training_defaults
 from libe_cnn.errors import UserError
 from libe_cnn.runtime import available_cores, set_threads
-from mnist.data import epoch_order, load_split, locate
-from mnist.model import build_model, evaluate
+from mnist.data import BatchOrder, load_split, locate
+from mnist.model import build_model, evaluate, make_optimizer
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train the CNN in a single process.")
-    p.add_argument("--dataset", choices=DATASETS, default="mnist", help="(default: %(default)s)")
+    d = TrainConfig.__dataclass_fields__  # the same defaults as the ensemble's
+    p.add_argument("--dataset", choices=DATASETS, default=d["dataset"].default, help="(default: %(default)s)")
     p.add_argument("--data-dir", default=None,
                    help="dataset root, torchvision layout; only this directory is searched "
                         "(default: ./data, then the system's copy)")
     p.add_argument("--limit-train", type=int, default=None, metavar="K", help="train on the first K samples only")
-    p.add_argument("--epochs", type=int, default=None, help="(default: 1; iris: 50)")
+    p.add_argument("--epochs", type=int, default=None, help=f"(default: {dataset_default('epochs')})")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--batch-size", type=int, default=None, help="samples per step (default: 64; iris: 8)")
-    p.add_argument("--lr", type=float, default=None, help="(default: 0.001; iris: 0.01)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=1, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"samples per step (default: {dataset_default('batch_size')})")
+    p.add_argument("--lr", type=float, default=None, help=f"(default: {dataset_default('lr')})")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d["optimizer"].default, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d["seed"].default, help="(default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:K (default: %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="one step on a few samples, to check the setup")
@@ -72,14 +73,14 @@ def train(args: argparse.Namespace) -> dict:
     if args.dry_run:
         total = 1
     torch.manual_seed(args.seed)
+    batches = BatchOrder(len(train_y), args.seed, 0, per_epoch, args.batch_size)  # one worker's shard 0
     samples, train_time, step = 0, 0.0, 0
     for epoch in range(args.epochs):
-        order = torch.from_numpy(epoch_order(len(train_y), args.seed, 0, epoch)).to(device)
         t0 = time.perf_counter()
-        for b in range(per_epoch):
+        for _ in range(per_epoch):
             if step == total:
                 break
-            idx = order[b * args.batch_size : (b + 1) * args.batch_size]
+            idx = torch.from_numpy(batches.positions(step)).to(device)
             optimizer.zero_grad()
             loss = F.nll_loss(model(train_x[idx]), train_y[idx])
             loss.backward()

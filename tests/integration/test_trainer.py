@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from mnist.model import make_optimizer
 from libe_cnn.store import run_keys
-from mnist.data import epoch_order, load_shard
+from mnist.data import batch_positions, load_shard
 from mnist.model import build_model
 from tests.conftest import run_cli
 
@@ -108,7 +108,7 @@ def single_process_steps(files, seed: int, n_train: int, n_workers: int, batch: 
     for step in range(steps):
         xs, ys = [], []
         for shard, (x, y) in enumerate(shards):
-            pos = torch.from_numpy(epoch_order(len(y), seed, shard, 0)[step * batch : (step + 1) * batch])
+            pos = torch.from_numpy(batch_positions(len(y), seed, shard, step, len(y) // batch, batch))
             xs.append(x[pos])
             ys.append(y[pos])
         optimizer.zero_grad()

@@ -8,7 +8,8 @@ import torch
 import torchvision
 
 from libe_cnn.errors import UserError
-from libe_cnn.plan import check_dataset
+from libe_cnn.plan import DatasetFiles, steps_per_epoch
+from mnist.data import check_dataset
 from mnist import data
 from tests.conftest import write_cifar10, write_idx, write_iris_csv
 
@@ -43,9 +44,82 @@ def test_epoch_order_reshuffles_every_epoch():
     assert not np.array_equal(e0, data.epoch_order(500, 1, 1, 0))  # shards shuffle differently
 
 
+# --- the reproducibility recipe: batch positions and dropout seeds ---
+
+@pytest.mark.parametrize("shard_size, batch", [(500, 50), (500, 64), (37, 37), (10, 1)])
+def test_each_epoch_visits_every_used_sample_once_in_epoch_order(shard_size, batch):
+    per_epoch = shard_size // batch
+    order = data.BatchOrder(shard_size, 4, 1, per_epoch, batch)
+    epochs = []
+    for epoch in range(3):
+        batches = [order.positions(epoch * per_epoch + b).copy() for b in range(per_epoch)]
+        assert {len(b) for b in batches} == {batch}
+        visited = np.concatenate(batches)
+        assert len(np.unique(visited)) == per_epoch * batch  # no sample twice within an epoch
+        assert visited.min() >= 0 and visited.max() < shard_size
+        # ... and they are the epoch's order cut into consecutive batches (the rest left out)
+        assert np.array_equal(visited, data.epoch_order(shard_size, 4, 1, epoch)[: per_epoch * batch])
+        epochs.append(visited)
+    if per_epoch * batch == shard_size:
+        assert all(sorted(e) == list(range(shard_size)) for e in epochs)  # every sample, exactly once
+    assert not np.array_equal(epochs[0], epochs[1])  # each epoch reshuffles
+
+
+def test_batch_positions_are_the_old_recipe():
+    """Bit-for-bit what the trainer, baselines and tests computed before the recipe moved here."""
+    shard_size, seed, shard, batch = 1000, 7, 2, 33
+    per_epoch = shard_size // batch
+    order = data.BatchOrder(shard_size, seed, shard, per_epoch, batch)
+    for step in range(3 * per_epoch + 2):
+        epoch, b = divmod(step, per_epoch)
+        old = data.epoch_order(shard_size, seed, shard, epoch)[b * batch : (b + 1) * batch]
+        assert np.array_equal(order.positions(step), old)
+        assert np.array_equal(data.batch_positions(shard_size, seed, shard, step, per_epoch, batch), old)
+
+
+def test_a_resumed_step_gives_the_same_positions_as_an_uninterrupted_run():
+    args = (900, 3, 1, 900 // 64, 64)
+    uninterrupted = [data.BatchOrder(*args).positions(t).copy() for t in range(40)]
+    for resume_at in (0, 5, 14, 15, 29):  # mid-epoch and on epoch boundaries (14 steps per epoch)
+        resumed = data.BatchOrder(*args)
+        for t in range(resume_at, 40):
+            assert np.array_equal(resumed.positions(t), uninterrupted[t])
+            assert np.array_equal(data.batch_positions(900, 3, 1, t, 900 // 64, 64), uninterrupted[t])
+    # Out of order too: the cache holds one epoch, and going back redraws the older one.
+    order = data.BatchOrder(*args)
+    for t in (30, 2, 16, 2, 39):
+        assert np.array_equal(order.positions(t), uninterrupted[t])
+
+
+def test_batch_positions_differ_between_shards_and_seeds():
+    a = data.batch_positions(500, 1, 0, 3, 10, 50)
+    assert not np.array_equal(a, data.batch_positions(500, 1, 1, 3, 10, 50))
+    assert not np.array_equal(a, data.batch_positions(500, 2, 0, 3, 10, 50))
+
+
+@pytest.mark.parametrize("shard_size, per_epoch, batch", [(100, 0, 10), (100, 11, 10), (100, 5, 0)])
+def test_batch_order_refuses_batches_that_do_not_fit(shard_size, per_epoch, batch):
+    with pytest.raises(ValueError):
+        data.BatchOrder(shard_size, 1, 0, per_epoch, batch)
+
+
+def test_batch_order_refuses_a_negative_step():
+    with pytest.raises(ValueError):
+        data.BatchOrder(100, 1, 0, 10, 10).positions(-1)
+
+
+def test_dropout_seed_is_the_old_formula_and_differs_across_shards_and_batches():
+    for seed, shard, batch in [(1, 0, 0), (5, 3, 17), (123, 7, 999_999)]:
+        assert data.dropout_seed(seed, shard, batch) == (seed * 1_000_003 + shard) * 1_000_003 + batch
+    seeds = {data.dropout_seed(2, shard, batch) for shard in range(8) for batch in range(1000)}
+    assert len(seeds) == 8 * 1000
+    assert data.dropout_seed(1, 0, 0) != data.dropout_seed(2, 0, 0)
+    torch.manual_seed(data.dropout_seed(9, 1, 40))  # a valid torch seed
+
+
 def test_steps_per_epoch():
-    assert data.steps_per_epoch(60000, 2, 64) == 468
-    assert data.steps_per_epoch(100, 3, 40) == 0
+    assert steps_per_epoch(60000, 2, 64) == 468
+    assert steps_per_epoch(100, 3, 40) == 0
 
 
 def test_locate_and_load_from_data_dir(tiny_dataset):
@@ -218,7 +292,7 @@ def test_default_search_is_data_then_the_system_copy(system_copy):
         (local / path.name).write_bytes(path.read_bytes())
     files = data.locate("fashion-mnist", None, download=False)
     assert files.paths["train_images"] == str(local / "train-images-idx3-ubyte.gz")  # absolute, under the cwd
-    assert data.DatasetFiles(**dataclasses.asdict(files)) == files  # as libEnsemble carries it
+    assert DatasetFiles(**dataclasses.asdict(files)) == files  # as libEnsemble carries it
 
 
 def test_default_search_names_every_place_looked(tmp_path, monkeypatch):
