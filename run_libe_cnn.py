@@ -19,6 +19,7 @@ import sys
 from contextlib import ExitStack, chdir
 from pathlib import Path
 
+from libe_cnn import strategies
 from libe_cnn.config import TrainConfig, config_from_args
 from libe_cnn.errors import UserError
 
@@ -140,11 +141,11 @@ def run_ensemble(plan) -> int:
 def prepare(cfg: TrainConfig, stack: ExitStack):
     """On the manager only: find the data, connect Redis, plan the run, create its directory."""
     from libe_cnn.plan import make_plan
-    from mnist.data import locate
+    from mnist.data import check_dataset, locate
 
     check_devices(cfg)
     files = locate(cfg.dataset, cfg.data_dir)  # before any worker exists: one download at most
-    plan = make_plan(cfg, files)
+    plan = make_plan(cfg, files, check_dataset(files))
     start = ""
     if cfg.resume:
         step, positions = resume_point(plan)
@@ -169,7 +170,7 @@ def schedule_line(plan) -> str:
     """What the run will take, in the unit its progress counts, and which samples it uses."""
     cfg = plan.config
     steps = f"{plan.recorded_steps} {plan.step_unit}s"
-    if cfg.strategy == "async":
+    if plan.strategy.counts_gradients:
         steps += f" ({plan.total_steps} per worker)"
     used = plan.samples_per_epoch
     line = f"{steps} on {used} {cfg.dataset} samples per epoch"
@@ -269,7 +270,7 @@ def _is_worker_rank() -> bool:
 _LIBE_WRAPPER = re.compile(r"^Received error message from worker (\d+): (?:[\w.]+\.)?(\w+: )?(.*?)(?:: See error details.*)?$")
 
 
-def describe(error: Exception) -> str:
+def error_line(error: Exception) -> str:
     """One line for an unexpected failure; its traceback is in ensemble.log."""
     parts = [str(a) for a in error.args if a] or [type(error).__name__]
     text = ": ".join(" ".join(p.split()) for p in parts)
@@ -345,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a failure inside the ensemble: one line here, details in the log
         if not _is_worker_rank():
             log = Path(cfg.run_dir) / "ensemble.log" if cfg is not None else None
-            print(f"error: {describe(e)}" + (f" ({log})" if log and log.exists() else ""), file=sys.stderr)
+            print(f"error: {error_line(e)}" + (f" ({log})" if log and log.exists() else ""), file=sys.stderr)
         return 1
     if summary is None:  # an MPI worker rank: the manager reports
         return 0
@@ -356,11 +357,9 @@ def main(argv: list[str] | None = None) -> int:
 def done_line(summary: dict, run_dir: str) -> str:
     """The run's result in one line, counting as the progress line did."""
     steady = summary.get("steady_samples_per_s")
-    if summary["strategy"] == "async":
-        took = f"{summary['steps']} gradients ({summary['updates']} applied, {summary['dropped']} dropped as stale"
-        took += f", {summary['nonfinite_skipped']} non-finite)" if summary["nonfinite_skipped"] else ")"
-    else:
-        took = f"{summary['steps']} steps"
+    strategy = strategies.strategy(summary["strategy"])
+    detail = strategy.done_detail(summary)
+    took = f"{summary['steps']} {strategy.step_unit}s" + (f" ({detail})" if detail else "")
     return (f"done: {took}, {summary['samples']} samples in {summary['wall_s']:.1f} s "
             f"({summary['samples_per_s']:.0f} samples/s" + (f", {steady:.0f} in steady state" if steady else "")
             + f"); test accuracy {summary['test_accuracy']:.2%}, test loss {summary['test_loss']:.4f}; "

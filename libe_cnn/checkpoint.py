@@ -6,11 +6,11 @@ parent model it holds what the next steps depend on:
 
     step, epoch, samples   where the run is
     positions              each worker's next batch; with the seed this fixes the data order
-                           (epoch_order) and the dropout masks (ChildWorker.gradient)
-    optimizer              the generator's optimizer (sync, async)
+                           (mnist.data.BatchOrder) and the dropout masks (mnist.data.dropout_seed)
+    optimizer              the generator's optimizer (strategies in which it applies gradients)
     workers                each worker's parameters and optimizer state, one float32 vector
-                           each (the periodic strategies, where workers keep their own)
-    counters               the strategy's running totals (async's version, gossip's exchanges...)
+                           each (strategies in which workers keep their own)
+    counters               the strategy's running totals (its Counters: libe_cnn/strategies)
     rng                    the seed and the manager's torch generator state
     metrics_lines          how much of metrics.jsonl describes steps up to here
 """

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from libe_cnn import strategies
 from libe_cnn.errors import UserError
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "iris")
@@ -22,18 +23,16 @@ DATASETS = ("mnist", "fashion-mnist", "cifar10", "iris")
 TRAINING_DEFAULTS = {"epochs": 1, "batch_size": 64, "lr": 1e-3}
 DATASET_DEFAULTS = {"iris": {"epochs": 50, "batch_size": 8, "lr": 1e-2}}
 OPTIMIZERS = ("adam", "adadelta", "sgd")
-REDUCTIONS = ("sum", "mean")
-STRATEGIES = ("sync", "async", "param-avg", "weighted-param-avg", "easgd", "gossip", "local")
-# Strategies in which workers take local optimizer steps and exchange parameters every K steps.
-PERIODIC = ("param-avg", "weighted-param-avg", "easgd", "gossip")
-# Strategies whose exchange is between workers: alone, a worker would only train by itself.
-NEEDS_PEERS = ("gossip",)
-GOSSIP_TOPOLOGIES = ("random", "ring")
+STRATEGIES = strategies.STRATEGIES
 ON_NONFINITE = ("stop", "skip")
-# EASGD's moving rate: alpha = beta / N with the paper's beta = 0.9 (Zhang et al. 2015, sec. 5).
-EASGD_BETA = 0.9
 COMMS = ("local", "mpi")
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def dataset_default(name: str) -> str:
+    """A training option's default as help text: `64; iris: 8`."""
+    special = [f"{dataset}: {d[name]}" for dataset, d in DATASET_DEFAULTS.items() if name in d]
+    return "; ".join([str(TRAINING_DEFAULTS[name]), *special])
 
 
 def fill_training_defaults(options) -> None:
@@ -60,15 +59,16 @@ class TrainConfig:
     batch_size: int | None = None  # per worker and step; the global batch is n_workers * batch_size
     lr: float | None = None
     optimizer: str = "adam"
-    # --- aggregation strategy (gen_funcs/aggregation.py has the math) ---
-    strategy: str = "sync"
-    reduce: str | None = None  # sync: sum or mean of the workers' gradients (default sum)
-    sync_period: int | None = None  # periodic strategies: local steps between exchanges (default 4)
-    mix_lambda: float | None = None  # weighted-param-avg: weight of the workers' mean (default 0.5)
-    elastic_alpha: float | None = None  # easgd: moving rate (default EASGD_BETA / n_workers)
-    max_staleness: int | None = None  # async: drop gradients more than this many updates old (default: keep all)
-    gossip_topology: str | None = None  # gossip: random or ring pairings (default random)
-    on_nonfinite: str = "stop"  # a NaN/inf result: stop the run, or (sync, async) skip that contribution
+    # --- aggregation strategy: each one's options, defaults, checks and math in libe_cnn/strategies ---
+    strategy: str = strategies.DEFAULT
+    # The strategies' own options; None: not given (the chosen strategy's defaults fill its own).
+    reduce: str | None = None
+    sync_period: int | None = None
+    mix_lambda: float | None = None
+    elastic_alpha: float | None = None  # its default depends on N, resolved where it is used
+    max_staleness: int | None = None
+    gossip_topology: str | None = None
+    on_nonfinite: str = "stop"  # a NaN/inf result: stop the run, or (where the strategy can) skip it
     wire_dtype: str = "float32"  # element type of gradients and parameters in the store
     eval_every: int | None = None  # also evaluate every this many steps (always at epoch ends)
     checkpoint_every: int | None = None  # also checkpoint every this many steps (always at epoch ends and the end)
@@ -132,49 +132,30 @@ class TrainConfig:
     def _check_strategy(self, need) -> None:
         need(self.strategy in STRATEGIES,
              f"--strategy must be one of {', '.join(STRATEGIES)} (got {self.strategy!r})")
-        applies_to = {
-            "reduce": ("--reduce", ("sync",)),
-            "sync_period": ("--sync-period", PERIODIC),
-            "mix_lambda": ("--mix-lambda", ("weighted-param-avg",)),
-            "elastic_alpha": ("--elastic-alpha", ("easgd",)),
-            "max_staleness": ("--max-staleness", ("async",)),
-            "gossip_topology": ("--gossip-topology", ("gossip",)),
-        }
-        for name, (flag, strategies) in applies_to.items():
-            need(getattr(self, name) is None or self.strategy in strategies,
-                 f"{flag} does not apply to --strategy {self.strategy} (only to {', '.join(strategies)})")
-        need(self.reduce in (None, *REDUCTIONS), f"--reduce must be one of {', '.join(REDUCTIONS)} (got {self.reduce!r})")
-        need(self.sync_period is None or self.sync_period >= 1, f"--sync-period must be at least 1 (got {self.sync_period})")
-        need(self.mix_lambda is None or 0 < self.mix_lambda <= 1, f"--mix-lambda must be in (0, 1] (got {self.mix_lambda})")
-        need(self.elastic_alpha is None or 0 < self.elastic_alpha * self.n_workers <= 1,
-             f"--elastic-alpha must be positive and at most 1/N = {1 / self.n_workers:.4g}, or the center "
-             f"overshoots (got {self.elastic_alpha})")
-        need(self.strategy not in NEEDS_PEERS or self.n_workers >= 2,
+        chosen = strategies.strategy(self.strategy)
+        for option in strategies.all_options().values():
+            value = getattr(self, option.name)
+            if option not in chosen.options:
+                need(value is None, f"{option.flag} does not apply to --strategy {self.strategy} "
+                                    f"(only to {', '.join(strategies.takers(option))})")
+                continue
+            if value is None:  # defaults that depend on N (easgd's alpha) stay None: N may still change
+                value = option.default
+                setattr(self, option.name, value)
+            if value is not None:
+                need(option.choices is None or value in option.choices,
+                     f"{option.flag} must be one of {', '.join(option.choices or ())} (got {value!r})")
+                problem = option.check(value, self.n_workers) if option.check else None
+                need(problem is None, problem)
+        need(not chosen.needs_peers or self.n_workers >= 2,
              f"--strategy {self.strategy} exchanges parameters between workers: it needs -n 2 or more "
              f"(got -n {self.n_workers})")
-        need(self.max_staleness is None or self.max_staleness >= 0,
-             f"--max-staleness must be at least 0 (got {self.max_staleness})")
         need(self.on_nonfinite in ON_NONFINITE,
              f"--on-nonfinite must be one of {', '.join(ON_NONFINITE)} (got {self.on_nonfinite!r})")
-        need(self.on_nonfinite == "stop" or self.strategy in ("sync", "async"),
-             f"--on-nonfinite skip applies only to sync and async (got --strategy {self.strategy}): "
+        skippers = [name for name, s in strategies.REGISTRY.items() if s.skips_nonfinite]
+        need(self.on_nonfinite == "stop" or chosen.skips_nonfinite,
+             f"--on-nonfinite skip applies only to {' and '.join(skippers)} (got --strategy {self.strategy}): "
              "a worker whose parameters went non-finite cannot be skipped")
-        need(self.gossip_topology in (None, *GOSSIP_TOPOLOGIES),
-             f"--gossip-topology must be one of {', '.join(GOSSIP_TOPOLOGIES)} (got {self.gossip_topology!r})")
-        # Defaults of the options that apply; easgd's alpha depends on N, which an MPI launch
-        # may still change, so it is resolved where it is used (`easgd_alpha`).
-        if self.strategy == "sync" and self.reduce is None:
-            self.reduce = "sum"
-        if self.strategy in PERIODIC and self.sync_period is None:
-            self.sync_period = 4
-        if self.strategy == "weighted-param-avg" and self.mix_lambda is None:
-            self.mix_lambda = 0.5
-        if self.strategy == "gossip" and self.gossip_topology is None:
-            self.gossip_topology = "random"
-
-    @property
-    def easgd_alpha(self) -> float:
-        return self.elastic_alpha if self.elastic_alpha is not None else EASGD_BETA / self.n_workers
 
     def public_dict(self) -> dict:
         """The configuration as saved and printed: everything but the password."""
@@ -204,11 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("ensemble")
     g.add_argument("-n", "--nworkers", dest="n_workers", type=int, default=d["n_workers"].default,
                    help="number of simulators (data-parallel workers) (default: %(default)s)")
-    g.add_argument("--comms", choices=COMMS, default="local",
+    g.add_argument("--comms", choices=COMMS, default=d["comms"].default,
                    help="libEnsemble comms; with mpi, launch with mpiexec -n N+1 (default: %(default)s)")
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASETS, default="mnist", help="(default: %(default)s)")
+    g.add_argument("--dataset", choices=DATASETS, default=d["dataset"].default, help="(default: %(default)s)")
     g.add_argument("--data-dir", default=None,
                    help="dataset root, torchvision layout; only this directory is searched "
                         "(default: ./data, then the system's copy)")
@@ -216,45 +197,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on the first K training samples only")
 
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=None, help="(default: 1; iris: 50)")
+    g.add_argument("--epochs", type=int, default=None, help=f"(default: {dataset_default('epochs')})")
     g.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many steps (async, which counts single gradients: N times as many)")
     g.add_argument("--batch-size", type=int, default=None,
-                   help="samples per worker per step (default: 64; iris: 8)")
-    g.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.001; iris: 0.01)")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="(default: %(default)s)")
-    g.add_argument("--wire-dtype", choices=WIRE_DTYPES, default="float32",
+                   help=f"samples per worker per step (default: {dataset_default('batch_size')})")
+    g.add_argument("--lr", type=float, default=None, help=f"learning rate (default: {dataset_default('lr')})")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d["optimizer"].default, help="(default: %(default)s)")
+    g.add_argument("--wire-dtype", choices=WIRE_DTYPES, default=d["wire_dtype"].default,
                    help="type of gradients and parameters on the wire; 16-bit halves the bytes (default: %(default)s)")
     g.add_argument("--eval-every", type=int, default=None, metavar="K",
                    help="also evaluate the parent model every K steps (always at each epoch end)")
-    g.add_argument("--seed", type=int, default=1, help="(default: %(default)s)")
+    g.add_argument("--seed", type=int, default=d["seed"].default, help="(default: %(default)s)")
     g.add_argument("--no-dropout", dest="dropout", action="store_false",
                    help="disable dropout (for exact comparisons)")
-    g.add_argument("--device", default="auto",
+    g.add_argument("--device", default=d["device"].default,
                    help="simulators: auto (GPU = local rank %% GPUs on the node, else CPU), cpu, cuda or cuda:K "
                         "(default: %(default)s)")
-    g.add_argument("--gen-device", default="auto",
+    g.add_argument("--gen-device", default=d["gen_device"].default,
                    help="the generator: auto (the node's first GPU, else CPU), cpu, cuda or cuda:K (default: %(default)s)")
 
     g = p.add_argument_group("aggregation strategy (see README: Strategies)")
-    g.add_argument("--strategy", choices=STRATEGIES, default="sync",
+    g.add_argument("--strategy", choices=STRATEGIES, default=d["strategy"].default,
                    help="how workers combine their work (default: %(default)s)")
-    g.add_argument("--reduce", choices=REDUCTIONS, default=None,
-                   help="sync: combine workers' gradients by sum or mean (default: sum)")
-    g.add_argument("--sync-period", type=int, default=None, metavar="K",
-                   help=f"{', '.join(PERIODIC)}: local steps between exchanges (default: 4)")
-    g.add_argument("--mix-lambda", type=float, default=None, metavar="L",
-                   help="weighted-param-avg: parent = (1-L) parent + L mean(workers) (default: 0.5)")
-    g.add_argument("--elastic-alpha", type=float, default=None, metavar="A",
-                   help=f"easgd: moving rate of workers and center (default: {EASGD_BETA}/N)")
-    g.add_argument("--max-staleness", type=int, default=None, metavar="S",
-                   help="async: drop a gradient computed on parameters more than S updates old "
-                        "(default: use every gradient)")
-    g.add_argument("--gossip-topology", choices=GOSSIP_TOPOLOGIES, default=None,
-                   help="gossip: pair workers at random or along a ring (default: random)")
-    g.add_argument("--on-nonfinite", choices=ON_NONFINITE, default="stop",
+    for option in strategies.all_options().values():
+        default = option.default_text or option.default
+        g.add_argument(option.flag, dest=option.name, type=option.type, choices=option.choices, default=None,
+                       metavar=option.metavar,
+                       help=f"{', '.join(strategies.takers(option))}: {option.help} (default: {default})")
+    skippers = [name for name, s in strategies.REGISTRY.items() if s.skips_nonfinite]
+    g.add_argument("--on-nonfinite", choices=ON_NONFINITE, default=d["on_nonfinite"].default,
                    help="a gradient or model with NaN/inf: stop, keeping the last good parent, or "
-                        "(sync, async) skip that worker's contribution and count it (default: %(default)s)")
+                        f"({', '.join(skippers)}) skip that worker's contribution and count it (default: %(default)s)")
 
     g = p.add_argument_group("redis (default: a private server started for the run)")
     g.add_argument("--redis-host", default=None, help="use this Redis server instead (also: REDIS_URL)")

@@ -7,22 +7,24 @@ from dataclasses import dataclass
 from libe_cnn.config import TrainConfig
 from libe_cnn.errors import UserError
 from libe_cnn.store import RedisAddress
-from mnist.data import DatasetFiles, read_split, steps_per_epoch
+from libe_cnn.strategies import Strategy, strategy
 
 # libEnsemble rows carry store keys and small numbers only, never tensors: the manager keeps
 # every row in its history, and a row holding a tensor would keep that tensor alive.
 KEY_DTYPE = "U96"
 GEN_OUT = [
-    ("params_key", KEY_DTYPE),  # parameters to load (or, for easgd, the center); empty: none
-    ("peers_key", KEY_DTYPE),  # gossip: the round's pairing; empty: none
-    ("step", int),  # parameter version (sync, async) or local steps done so far (the others)
+    ("params_key", KEY_DTYPE),  # parameters to load (or a center to pull toward); empty: none
+    ("peers_key", KEY_DTYPE),  # who exchanges with whom this round; empty: none
+    # What the row's parameters are: the parent's version (gradient strategies), or the step
+    # the round starts at (local steps); a result carries it back.
+    ("version", int),
     ("n_steps", int),  # local steps to take before answering
-    ("checkpoint", bool),  # periodic strategies: also send your own state for a checkpoint
+    ("checkpoint", bool),  # also send your own state (parameters, optimizer) for a checkpoint
 ]
 SIM_OUT = [
-    ("result_key", KEY_DTYPE),  # the worker's gradient (sync, async) or its parameters (the others)
+    ("result_key", KEY_DTYPE),  # the worker's gradient, or its parameters after local steps
     ("state_key", KEY_DTYPE),  # when asked for a checkpoint: its parameters and optimizer state
-    ("version", int),  # the `step` of the row this result answers
+    ("version", int),  # the `version` of the row this result answers
     ("loss", float),
     ("n_samples", int),
     ("shard", int),
@@ -35,14 +37,22 @@ SIM_OUT = [
 ]
 
 
-def gossip_key(step: int, shard: int) -> str:
-    """Where a gossiping worker leaves its parameters after `step` local steps for its peer."""
-    return f"gossip-{step}-{shard}"
-
-
 def resume_key(shard: int) -> str:
-    """Where a resumed run leaves a worker's own state (periodic strategies) for it to load."""
+    """Where a resumed run leaves a worker's own state (parameters, optimizer) for it to load."""
     return f"resume-{shard}"
+
+
+@dataclass(frozen=True)
+class DatasetFiles:
+    """Where a dataset's files are (mnist.data.locate finds them)."""
+
+    name: str
+    paths: dict[str, str]  # file role (train_images, csv...) -> path of the file
+
+
+def steps_per_epoch(n_train: int, n_workers: int, batch_size: int) -> int:
+    """Optimizer steps per epoch: every worker takes full batches from its shard."""
+    return (n_train // n_workers) // batch_size
 
 
 @dataclass(frozen=True)
@@ -57,15 +67,19 @@ class RunPlan:
     resume_positions: tuple[int, ...] | None = None
 
     @property
+    def strategy(self) -> Strategy:
+        return strategy(self.config.strategy)
+
+    @property
     def recorded_steps(self) -> int:
-        """The run's length in the steps its metrics and checkpoints count: async counts
-        single gradients, N per step of the others."""
-        return self.total_steps * (self.config.n_workers if self.config.strategy == "async" else 1)
+        """The run's length in the steps its metrics and checkpoints count (some strategies
+        count single gradients, N per step of the others)."""
+        return self.strategy.recorded_steps(self.total_steps, self.config.n_workers)
 
     @property
     def step_unit(self) -> str:
-        """What one recorded step is: one gradient (async) or one batch on every worker."""
-        return "gradient" if self.config.strategy == "async" else "step"
+        """What one recorded step is: one batch on every worker, or one gradient."""
+        return self.strategy.step_unit
 
     @property
     def samples_per_epoch(self) -> int:
@@ -73,18 +87,9 @@ class RunPlan:
         return self.steps_per_epoch * self.config.batch_size * self.config.n_workers
 
 
-def check_dataset(files: DatasetFiles) -> int:
-    """Read every file once, so a corrupt or truncated one fails here and not in a worker.
-
-    Returns the number of training samples.
-    """
-    read_split(files, train=False)
-    return len(read_split(files, train=True)[1])
-
-
-def make_plan(cfg: TrainConfig, files: DatasetFiles) -> RunPlan:
-    """Check the data and fix the schedule; the store's address is filled in once connected."""
-    n_available = check_dataset(files)
+def make_plan(cfg: TrainConfig, files: DatasetFiles, n_available: int) -> RunPlan:
+    """Fix the schedule for a dataset of `n_available` training samples (checked beforehand:
+    mnist.data.check_dataset); the store's address is filled in once connected."""
     n_train = min(n_available, cfg.limit_train) if cfg.limit_train else n_available
     per_epoch = steps_per_epoch(n_train, cfg.n_workers, cfg.batch_size)
     if per_epoch < 1:

@@ -129,7 +129,7 @@ def smooth(values: list[float], window: int) -> list[float]:
     return ((sums[ends] - sums[starts]) / (ends - starts)).tolist()
 
 
-def describe(config: dict[str, Any], fallback: str) -> str:
+def settings_label(config: dict[str, Any], fallback: str) -> str:
     """A short description such as `sync, 4 workers x 64, fashion-mnist`; missing fields are left out."""
     parts = []
     if config.get("strategy"):
@@ -157,7 +157,7 @@ def run_labels(runs: list[Run]) -> list[str]:
     if differing:
         labels = [", ".join(f"{k}={run.config.get(k)}" for k in differing) for run in runs]
     else:
-        labels = [describe(run.config, run.run_dir.name) for run in runs]
+        labels = [settings_label(run.config, run.run_dir.name) for run in runs]
     if len(set(labels)) < len(labels):  # same settings: only the directory tells the runs apart
         labels = [f"{label} ({run.run_dir.name})" for label, run in zip(labels, runs)]
     return labels

@@ -1,11 +1,10 @@
 """The child trainer: a persistent libEnsemble simulator that owns one shard of the data.
 
-With --strategy sync or async, each message from the generator names parameters to load;
-the worker runs forward and backward once on its next batch and sends back its gradient.
-With the other strategies it takes K local optimizer steps of its own and sends back its
-parameters, then applies whatever the generator answers: a new parent (param-avg,
-weighted-param-avg), a center to pull toward (easgd), a peer to average with (gossip), or
-nothing (local).
+It runs the chosen strategy's worker loop (libe_cnn/strategies): with the gradient
+strategies each message names parameters to load, and the worker sends back one gradient
+of its next batch (`gradient_loop`); with the periodic ones it takes K local optimizer steps
+of its own, sends back its parameters and applies what the strategy makes of the
+generator's answer (`local_rounds`).
 """
 
 from __future__ import annotations
@@ -19,10 +18,9 @@ import torch.nn.functional as F
 from libensemble.message_numbers import EVAL_SIM_TAG, FINISHED_PERSISTENT_SIM_TAG, PERSIS_STOP, STOP_TAG
 from libensemble.tools.persistent_support import PersistentSupport
 
-from gen_funcs.aggregation import elastic_pull, pairwise_average
 from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters, host_array, push_host_array
 from libe_cnn.liveness import Heartbeat
-from libe_cnn.plan import RunPlan, gossip_key, plan_from_user, resume_key
+from libe_cnn.plan import RunPlan, plan_from_user, resume_key
 from libe_cnn.runtime import (
     available_cores,
     gpu_count,
@@ -34,7 +32,7 @@ from libe_cnn.runtime import (
 )
 from libe_cnn.store import TensorStore
 from libe_cnn.wire import from_wire, to_wire
-from mnist.data import epoch_order, load_shard
+from mnist.data import BatchOrder, dropout_seed, load_shard
 from mnist.model import MODELS, load_optimizer_state_vector, make_optimizer, optimizer_state_vector
 
 
@@ -48,7 +46,7 @@ class ChildWorker:
         self.device = torch.device(select_device(cfg.device, local_rank(default=shard), gpu_count()))
         images, labels = load_shard(plan.files, plan.n_train, cfg.n_workers, shard, cfg.seed)
         self.images, self.labels = images.to(self.device), labels.to(self.device)
-        self._orders: dict[int, np.ndarray] = {}
+        self.batches = BatchOrder(len(labels), cfg.seed, shard, plan.steps_per_epoch, cfg.batch_size)
         # Its weights come from the generator: no need to draw them from the seed.
         self.model = MODELS[cfg.dataset](dropout=cfg.dropout).to(self.device).train()
         self.flat_params = flatten_parameters(self.model)
@@ -59,19 +57,14 @@ class ChildWorker:
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The worker's batch number `step`, counted from the start of training."""
-        epoch, b = divmod(step, self.plan.steps_per_epoch)
-        if epoch not in self._orders:
-            self._orders.clear()
-            self._orders[epoch] = epoch_order(len(self.labels), self.cfg.seed, self.shard, epoch)
-        size = self.cfg.batch_size
-        pos = torch.from_numpy(self._orders[epoch][b * size : (b + 1) * size]).to(self.device)
+        pos = torch.from_numpy(self.batches.positions(step)).to(self.device)
         return self.images[pos], self.labels[pos]
 
     def gradient(self, x: torch.Tensor, y: torch.Tensor, t: int) -> float:
         """Forward and backward once on batch number `t`; the gradient lands in flat_grad."""
         # Dropout masks are drawn from (seed, worker, batch): they differ between workers, and
         # a resumed run draws the same ones as an uninterrupted run.
-        torch.manual_seed((self.cfg.seed * 1_000_003 + self.shard) * 1_000_003 + t)
+        torch.manual_seed(dropout_seed(self.cfg.seed, self.shard, t))
         self.flat_grad.zero_()
         loss = F.nll_loss(self.model(x), y)
         loss.backward()
@@ -96,94 +89,85 @@ class ChildWorker:
         out["rss_mb"] = rss_mb()
         return out
 
+    def load_into_model(self, key: str) -> None:
+        copy_into(self.flat_params, self.load_params(key))
 
-def gradient_loop(w: ChildWorker, ps: PersistentSupport, row: np.void, out_dtype) -> None:
-    """sync and async: load the parameters named, send back one gradient, repeat."""
-    t = w.first_batch  # batches done by this worker
-    prepared, x, y = t, *w.batch(t)
-    wait_s = 0.0  # time blocked waiting for the previous answer
-    while True:
-        # sync: every step starts from the parameters the generator just published;
-        # async: from the newest ones, whatever the other workers are doing.
-        t0 = time.perf_counter()
-        copy_into(w.flat_params, w.load_params(str(row["params_key"])))
-        if prepared != t:
-            x, y = w.batch(t)
-        t1 = time.perf_counter()
-        loss = w.gradient(x, y, t)
-        t2 = time.perf_counter()
-        key = w.put(w.flat_grad)
-        t3 = time.perf_counter()
-        out = w.result_row(out_dtype, key, int(row["step"]), loss, len(y), (t1 - t0, t2 - t1, t3 - t2, wait_s))
-        t += 1
-        # The next batch is gathered while the generator works on this one.
-        prepared, x, y = t, *w.batch(t)
-        tag, _, calc_in = ps.send_recv(out)
-        wait_s = time.perf_counter() - t3
-        if tag in (STOP_TAG, PERSIS_STOP):
-            return
-        row = calc_in[0]
+    def set_params(self, params: np.ndarray) -> None:
+        copy_into(self.flat_params, params)
 
+    def update_params(self, update) -> None:
+        """Apply `update` (host float32 array, in place) to the model's parameters."""
+        host = host_array(self.flat_params)
+        update(host)
+        push_host_array(self.flat_params, host)
 
-def local_steps_loop(w: ChildWorker, ps: PersistentSupport, row: np.void, out_dtype) -> None:
-    """The periodic strategies and local: K optimizer steps alone, then one exchange."""
-    cfg = w.cfg
-    # Each worker keeps its own optimizer state across exchanges, as in local SGD.
-    optimizer = make_optimizer(cfg.optimizer, w.model.parameters(), cfg.lr)
-    center = None  # easgd: the center this round's pull goes toward
-    t = w.first_batch  # local steps done by this worker
-    if w.plan.resume_positions is not None:
-        # Its parameters and optimizer state from the checkpoint, as the generator left them.
-        state = w.store.get(w.store.key(resume_key(w.shard)))
-        n_params = w.flat_params.numel()
-        copy_into(w.flat_params, state[:n_params])
-        load_optimizer_state_vector(optimizer, cfg.optimizer, state[n_params:])
-    wait_s = 0.0
-    while True:
-        t0 = time.perf_counter()
-        if row["params_key"]:
-            params = w.load_params(str(row["params_key"]))
-            if cfg.strategy == "easgd":
-                center = params.copy()
-                if t == 0:  # everyone starts from the center
-                    copy_into(w.flat_params, params)
-            else:
-                copy_into(w.flat_params, params)
-        if row["peers_key"]:
-            peer = int(w.store.get(str(row["peers_key"]))[w.shard])
-            if peer >= 0:  # with odd N, one worker sits a round out
-                host = host_array(w.flat_params)
-                pairwise_average(host, w.load_params(w.store.key(gossip_key(t, peer))))
-                push_host_array(w.flat_params, host)
-        t1 = time.perf_counter()
-        n_steps, loss_sum, n_samples = int(row["n_steps"]), 0.0, 0
-        for _ in range(n_steps):
-            x, y = w.batch(t)
-            loss_sum += w.gradient(x, y, t)
-            optimizer.step()
-            n_samples += len(y)
+    def gradient_loop(self, ps: PersistentSupport, row: np.void, out_dtype) -> None:
+        """Gradient strategies: load the parameters named, send back one gradient, repeat."""
+        t = self.first_batch  # batches done by this worker
+        prepared, x, y = t, *self.batch(t)
+        wait_s = 0.0  # time blocked waiting for the previous answer
+        while True:
+            # Every step starts from the parameters the generator just named for this worker.
+            t0 = time.perf_counter()
+            self.load_into_model(str(row["params_key"]))
+            if prepared != t:
+                x, y = self.batch(t)
+            t1 = time.perf_counter()
+            loss = self.gradient(x, y, t)
+            t2 = time.perf_counter()
+            key = self.put(self.flat_grad)
+            t3 = time.perf_counter()
+            out = self.result_row(out_dtype, key, int(row["version"]), loss, len(y), (t1 - t0, t2 - t1, t3 - t2, wait_s))
             t += 1
-        t2 = time.perf_counter()
-        key = w.put(w.flat_params, gossip_key(t, w.shard) if cfg.strategy == "gossip" else None)
-        t3 = time.perf_counter()
-        if cfg.strategy == "easgd":
-            # The worker's half of the elastic exchange; the generator moves the center by
-            # the same amount from the parameters just sent.
-            host = host_array(w.flat_params)
-            elastic_pull(host, center, cfg.easgd_alpha)
-            push_host_array(w.flat_params, host)
-        state_key = ""
-        if row["checkpoint"]:
-            # Everything this worker carries into the next round, in float32 whatever the wire.
-            state = [host_array(w.flat_params), optimizer_state_vector(optimizer, cfg.optimizer)]
-            state_key = w.store.put(np.concatenate(state))
-        out = w.result_row(out_dtype, key, int(row["step"]), loss_sum / n_steps, n_samples,
-                           (t1 - t0, t2 - t1, t3 - t2, wait_s), state_key)
-        tag, _, calc_in = ps.send_recv(out)
-        wait_s = time.perf_counter() - t3
-        if tag in (STOP_TAG, PERSIS_STOP):
-            return
-        row = calc_in[0]
+            # The next batch is gathered while the generator works on this one.
+            prepared, x, y = t, *self.batch(t)
+            tag, _, calc_in = ps.send_recv(out)
+            wait_s = time.perf_counter() - t3
+            if tag in (STOP_TAG, PERSIS_STOP):
+                return
+            row = calc_in[0]
+
+    def local_rounds(self, ps: PersistentSupport, row: np.void, out_dtype, strategy) -> None:
+        """Periodic strategies: K optimizer steps alone, then one exchange, as the strategy says."""
+        cfg = self.cfg
+        # Each worker keeps its own optimizer state across exchanges, as in local SGD.
+        optimizer = make_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr)
+        memo: dict = {}  # what the strategy keeps between the halves of a round (easgd: the center)
+        t = self.first_batch  # local steps done by this worker
+        if self.plan.resume_positions is not None:
+            # Its parameters and optimizer state from the checkpoint, as the generator left them.
+            state = self.store.get(self.store.key(resume_key(self.shard)))
+            n_params = self.flat_params.numel()
+            copy_into(self.flat_params, state[:n_params])
+            load_optimizer_state_vector(optimizer, cfg.optimizer, state[n_params:])
+        wait_s = 0.0
+        while True:
+            t0 = time.perf_counter()
+            strategy.receive(self, row, t, memo)
+            t1 = time.perf_counter()
+            n_steps, loss_sum, n_samples = int(row["n_steps"]), 0.0, 0
+            for _ in range(n_steps):
+                x, y = self.batch(t)
+                loss_sum += self.gradient(x, y, t)
+                optimizer.step()
+                n_samples += len(y)
+                t += 1
+            t2 = time.perf_counter()
+            key = self.put(self.flat_params, strategy.result_name(t, self.shard))
+            t3 = time.perf_counter()
+            strategy.after_put(self, memo)
+            state_key = ""
+            if row["checkpoint"]:
+                # Everything this worker carries into the next round, in float32 whatever the wire.
+                state = [host_array(self.flat_params), optimizer_state_vector(optimizer, cfg.optimizer)]
+                state_key = self.store.put(np.concatenate(state))
+            out = self.result_row(out_dtype, key, int(row["version"]), loss_sum / n_steps, n_samples,
+                                  (t1 - t0, t2 - t1, t3 - t2, wait_s), state_key)
+            tag, _, calc_in = ps.send_recv(out)
+            wait_s = time.perf_counter() - t3
+            if tag in (STOP_TAG, PERSIS_STOP):
+                return
+            row = calc_in[0]
 
 
 def child_trainer_sim(H, persis_info, sim_specs, libE_info):
@@ -196,9 +180,8 @@ def child_trainer_sim(H, persis_info, sim_specs, libE_info):
     try:
         worker = ChildWorker(plan, shard)
         ps = PersistentSupport(libE_info, EVAL_SIM_TAG)
-        loop = gradient_loop if plan.config.strategy in ("sync", "async") else local_steps_loop
         try:
-            loop(worker, ps, H[0], sim_specs["out"])
+            plan.strategy.run_worker(worker, ps, H[0], sim_specs["out"])
         finally:
             worker.store.close()
     finally:

@@ -9,18 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gen_funcs.aggregation import (
-    average_parameters,
-    elastic_center_update,
-    elastic_pull,
-    gossip_pairing,
-    mix_parameters,
-    pairwise_average,
-)
-from libe_cnn.config import EASGD_BETA, STRATEGIES
+from libe_cnn.config import STRATEGIES
+from libe_cnn.strategies.base import average_parameters
+from libe_cnn.strategies.easgd import EASGD_BETA, elastic_center_update, elastic_pull
+from libe_cnn.strategies.gossip import gossip_pairing, pairwise_average
+from libe_cnn.strategies.weighted_param_avg import mix_parameters
 from libe_cnn.flat import flatten_gradients, flatten_parameters
 from libe_cnn.store import run_keys
-from mnist.data import epoch_order, load_shard
+from mnist.data import BatchOrder, load_shard
 from mnist.model import build_model, make_optimizer
 from tests.conftest import run_cli
 from tests.integration.test_trainer import redis_env
@@ -98,14 +94,14 @@ def reference_run(files, strategy: str, seed: int, n_train: int, n: int, batch: 
         flatten_gradients(m)
     optimizers = [make_optimizer("sgd", m.parameters(), lr) for m in models]
     shards = [load_shard(files, n_train, n, s, seed) for s in range(n)]
-    orders = [epoch_order(len(y), seed, s, 0) for s, (_, y) in enumerate(shards)]
+    orders = [BatchOrder(len(y), seed, s, len(y) // batch, batch) for s, (_, y) in enumerate(shards)]
     alpha = EASGD_BETA / n
     rounds = [(start, min(start + period, steps)) for start in range(0, steps, period)]
     for r, (start, end) in enumerate(rounds):
         for s, (model, opt) in enumerate(zip(models, optimizers)):
             for t in range(start, end):
                 x, y = shards[s]
-                pos = torch.from_numpy(orders[s][t * batch : (t + 1) * batch])
+                pos = torch.from_numpy(orders[s].positions(t))
                 model.zero_grad(set_to_none=False)
                 F.nll_loss(model(x[pos]), y[pos]).backward()
                 opt.step()

@@ -1,16 +1,12 @@
 import numpy as np
 import pytest
 
-from gen_funcs.aggregation import (
-    average_parameters,
-    elastic_center_update,
-    elastic_pull,
-    gossip_pairing,
-    mix_parameters,
-    pairwise_average,
-    reduce_gradients,
-    staleness_weight,
-)
+from libe_cnn.strategies.async_ import staleness_weight
+from libe_cnn.strategies.base import average_parameters
+from libe_cnn.strategies.base import reduce_in_order as reduce_gradients
+from libe_cnn.strategies.easgd import elastic_center_update, elastic_pull
+from libe_cnn.strategies.gossip import gossip_pairing, pairwise_average
+from libe_cnn.strategies.weighted_param_avg import mix_parameters
 
 
 def grads(n, size=10, seed=0):

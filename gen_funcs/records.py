@@ -1,0 +1,130 @@
+"""Where the run is and what it reports: the loop's state, metrics.jsonl, evaluations, progress."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gen_funcs.parent import ParentModel
+from gen_funcs.stats import RunStats
+from libe_cnn.plan import RunPlan
+from libe_cnn.progress import Progress
+from libe_cnn.rundir import MetricsLog
+from libe_cnn.runtime import rss_mb
+from libe_cnn.strategies.base import Counters
+
+
+@dataclass
+class LoopState:
+    """The loop's running values after its last step: what a checkpoint saves and resume restores."""
+
+    step: int = 0  # steps recorded (some strategies count single gradients)
+    epoch: int = 0
+    samples: int = 0
+    loss: float = math.nan
+    positions: list[int] = field(default_factory=list)  # each worker's next batch
+    counters: Counters | None = None  # the strategy's own running totals
+
+    def advance(self, steps: int, samples: int, loss: float, steps_per_epoch: int) -> None:
+        self.step += steps
+        self.epoch = (self.step - 1) // steps_per_epoch
+        self.samples += samples
+        self.loss = loss
+
+    def saved(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "samples": self.samples, "loss": self.loss,
+                "positions": list(self.positions), "counters": self.counters.as_dict()}
+
+    @classmethod
+    def fresh(cls, plan: RunPlan) -> LoopState:
+        return cls(positions=[0] * plan.config.n_workers, counters=plan.strategy.counters())
+
+    @classmethod
+    def restored(cls, plan: RunPlan, checkpoint: dict) -> LoopState:
+        return cls(step=checkpoint["step"], epoch=checkpoint["epoch"], samples=checkpoint["samples"],
+                   loss=checkpoint["loss"], positions=[int(p) for p in checkpoint["positions"]],
+                   counters=plan.strategy.counters(**checkpoint["counters"]))
+
+
+class Recorder:
+    """metrics.jsonl, the evaluations of the parent, the progress line and the run's statistics."""
+
+    def __init__(self, plan: RunPlan, parent: ParentModel, state: LoopState, test: tuple[torch.Tensor, torch.Tensor],
+                 keep_lines: int | None, start: float) -> None:
+        self.plan, self.parent, self.state = plan, parent, state
+        self.test_x, self.test_y = test
+        self.run_dir = Path(plan.config.run_dir)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep=keep_lines)
+        self.stats = RunStats()
+        self.start = start
+        self.last_eval: dict | None = None
+        self.last_record: dict | None = None
+        self.progress = Progress(plan.recorded_steps, unit=plan.step_unit)
+        # Evaluations and checkpoints fall where a sync step would end: every N recorded steps
+        # where one counts single gradients.
+        self.per_step = plan.config.n_workers if plan.strategy.counts_gradients else 1
+
+    def due(self, step: int, every: int | None) -> bool:
+        """At every epoch end, every `every` steps and at the last step."""
+        if step % self.per_step:
+            return False
+        step //= self.per_step
+        return (step % self.plan.steps_per_epoch == 0 or step == self.plan.total_steps
+                or bool(every and step % every == 0))
+
+    def eval_due(self, step: int) -> bool:
+        return self.due(step, self.plan.config.eval_every)
+
+    def record(self, rows: np.ndarray, **fields) -> dict:
+        """Write one metrics record of the current state (fields may override it), with the
+        simulators' timings from `rows`, and show progress."""
+        s = self.state
+        record = {"step": s.step, "epoch": s.epoch, "loss": s.loss, "samples": s.samples,
+                  "wall_s": time.perf_counter() - self.start, **fields}
+        record.update({f"sim_{name}": float(rows[name].mean()) for name in ("load_s", "compute_s", "put_s", "wait_s")})
+        record.update(manager_rss_mb=rss_mb(), sim_rss_mb=float(rows["rss_mb"].max()))
+        self.metrics.write(**record)
+        self.last_record = record
+        self.stats.step(record)
+        self.progress.update(record["step"], record["epoch"], record["loss"],
+                             self.last_eval["test_accuracy"] if self.last_eval else None,
+                             record["samples"] / record["wall_s"])
+        return record
+
+    def evaluate(self, **extra) -> dict:
+        """Test the parent model as it is at the current step, save it, and log the result."""
+        s = self.state
+        t0 = time.perf_counter()
+        test_loss, test_acc = self.parent.evaluate(self.test_x, self.test_y)
+        self.parent.save(self.run_dir / "model.pt")
+        eval_s = time.perf_counter() - t0
+        record = {"event": "eval", "step": s.step, "epoch": s.epoch, "samples": s.samples, "test_loss": test_loss,
+                  "test_accuracy": test_acc, **extra, "eval_s": eval_s, "wall_s": time.perf_counter() - self.start}
+        self.metrics.write(**record)
+        line = (f"epoch {s.epoch + 1} {self.plan.step_unit} {s.step}: test loss {test_loss:.4f}, "
+                f"test accuracy {test_acc:.2%}")
+        if "best_worker_accuracy" in extra:
+            line += f" (best single worker {extra['best_worker_accuracy']:.2%})"
+        self.progress.message(line)
+        self.last_eval = record
+        return record
+
+    def evaluate_parameters(self, params: np.ndarray) -> float:
+        """Test accuracy of other parameters in the parent's place; the parent is put back."""
+        parent = self.parent
+        saved, version = parent.host_params.copy(), parent.version
+        np.copyto(parent.host_params, params)
+        parent.host_params_changed()
+        accuracy = parent.evaluate(self.test_x, self.test_y)[1]
+        np.copyto(parent.host_params, saved)
+        parent.host_params_changed()
+        parent.version = version  # exactly as it was: a state saved before still describes it
+        return accuracy
+
+    def close(self) -> None:
+        self.metrics.close()
