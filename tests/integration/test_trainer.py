@@ -117,7 +117,7 @@ def single_process_steps(files, seed: int, n_train: int, n_workers: int, batch: 
     return model.state_dict()
 
 
-@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("steps", [3])  # one step too: tests/loops
 def test_parity_with_single_process_on_the_union_batch(tmp_path, fashion_files, steps):
     seed, n_train, batch, lr = 3, 1024, 16, 0.05
     run_dir = tmp_path / "run"
@@ -172,7 +172,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_model(tmp_path, fashion_files):
     assert redis_servers() <= before
 
 
-@pytest.mark.parametrize("wire", ["bfloat16", "float16"])
+@pytest.mark.parametrize("wire", ["bfloat16"])  # float16 too: tests/loops
 def test_16_bit_wire_trains_and_halves_the_traffic(tmp_path, fashion_files, wire):
     runs = {}
     for dtype in ("float32", wire):
