@@ -67,7 +67,7 @@ class Recorder:
         self.progress = Progress(plan.recorded_steps, unit=plan.step_unit)
         # Evaluations and checkpoints fall where a sync step would end: every N recorded steps
         # where one counts single gradients.
-        self.per_step = plan.config.n_workers if plan.strategy.counts_gradients else 1
+        self.per_step = plan.strategy.recorded_per_step(plan.config.n_workers)
 
     def due(self, step: int, every: int | None) -> bool:
         """At every epoch end, every `every` steps and at the last step."""

@@ -152,9 +152,8 @@ class TrainConfig:
              f"(got -n {self.n_workers})")
         need(self.on_nonfinite in ON_NONFINITE,
              f"--on-nonfinite must be one of {', '.join(ON_NONFINITE)} (got {self.on_nonfinite!r})")
-        skippers = [name for name, s in strategies.REGISTRY.items() if s.skips_nonfinite]
         need(self.on_nonfinite == "stop" or chosen.skips_nonfinite,
-             f"--on-nonfinite skip applies only to {' and '.join(skippers)} (got --strategy {self.strategy}): "
+             f"--on-nonfinite skip applies only to {' and '.join(strategies.skipping_nonfinite())} (got --strategy {self.strategy}): "
              "a worker whose parameters went non-finite cannot be skipped")
 
     def public_dict(self) -> dict:
@@ -225,10 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(option.flag, dest=option.name, type=option.type, choices=option.choices, default=None,
                        metavar=option.metavar,
                        help=f"{', '.join(strategies.takers(option))}: {option.help} (default: {default})")
-    skippers = [name for name, s in strategies.REGISTRY.items() if s.skips_nonfinite]
     g.add_argument("--on-nonfinite", choices=ON_NONFINITE, default=d["on_nonfinite"].default,
                    help="a gradient or model with NaN/inf: stop, keeping the last good parent, or "
-                        f"({', '.join(skippers)}) skip that worker's contribution and count it (default: %(default)s)")
+                        f"({', '.join(strategies.skipping_nonfinite())}) skip that worker's contribution and count it (default: %(default)s)")
 
     g = p.add_argument_group("redis (default: a private server started for the run)")
     g.add_argument("--redis-host", default=None, help="use this Redis server instead (also: REDIS_URL)")

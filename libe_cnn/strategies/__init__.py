@@ -24,6 +24,11 @@ def all_options() -> dict[str, Option]:
     return {o.name: o for s in REGISTRY.values() for o in s.options}
 
 
+def skipping_nonfinite() -> list[str]:
+    """The strategies that can leave a non-finite contribution out (--on-nonfinite skip)."""
+    return [name for name, s in REGISTRY.items() if s.skips_nonfinite]
+
+
 def takers(option: Option) -> list[str]:
     """The strategies that take `option`."""
     return [name for name, s in REGISTRY.items() if option in s.options]

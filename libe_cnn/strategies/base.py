@@ -73,9 +73,13 @@ class Strategy:
     def step_unit(self) -> str:
         return "gradient" if self.counts_gradients else "step"
 
+    def recorded_per_step(self, n_workers: int) -> int:
+        """Recorded steps in one step of one batch on every worker: N single gradients, or 1."""
+        return n_workers if self.counts_gradients else 1
+
     def recorded_steps(self, steps: int, n_workers: int) -> int:
         """The run's length in the steps its metrics and checkpoints count."""
-        return steps * n_workers if self.counts_gradients else steps
+        return steps * self.recorded_per_step(n_workers)
 
     def done_detail(self, summary: dict) -> str:
         """What the final line adds after the step count, from summary.json."""
