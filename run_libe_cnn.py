@@ -159,7 +159,8 @@ def prepare(cfg: TrainConfig, stack: ExitStack):
     print(json.dumps(cfg.public_dict()), file=sys.stderr)
     print(f"{cfg.n_workers} workers x {cfg.batch_size} samples, {plan.steps_per_epoch} steps/epoch, "
           f"{start}{schedule_line(plan)} -> {run_dir}", file=sys.stderr)
-    print(f"data: {data_source(files)}", file=sys.stderr)
+    tested_on = f" (evaluating on the first {cfg.limit_test} test samples)" if cfg.limit_test else ""
+    print(f"data: {data_source(files)}{tested_on}", file=sys.stderr)
     warning = oversubscription_warning(cfg)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)

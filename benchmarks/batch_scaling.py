@@ -103,8 +103,8 @@ class Settings:
 class TestSets:
     """The full test set and its fixed screening subset."""
 
-    def __init__(self, files: DatasetFiles, seed: int) -> None:
-        self.x, self.y = load_split(files, train=False)
+    def __init__(self, files: DatasetFiles, seed: int, limit: int | None = None) -> None:
+        self.x, self.y = load_split(files, train=False, limit=limit)
         pick = torch.from_numpy(np.random.default_rng([seed, 0x7E57]).permutation(len(self.y))[:SCREEN_SIZE])
         self.screen_x, self.screen_y = self.x[pick], self.y[pick]
 
@@ -341,13 +341,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-samples", type=int, default=1024,
                    help="training samples between evaluations, at least one step (default: %(default)s)")
     p.add_argument("--limit-train", type=int, default=None, help="train on the first K samples only")
+    p.add_argument("--limit-test", type=int, default=None,
+                   help="test on the first K test samples only (the screening subset is drawn from them)")
     p.add_argument("--seed", type=int, default=1, help="(default: %(default)s)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="directory for the results")
     p.add_argument("--report-only", action="store_true",
                    help="redraw the tables and figure from the saved JSON, without training")
     args = p.parse_args()
-    if min(args.batch_sizes) < 1 or args.max_epochs < 1 or args.eval_samples < 1:
-        p.error("--batch-sizes, --max-epochs and --eval-samples must be at least 1")
+    if min(args.batch_sizes) < 1 or args.max_epochs < 1 or args.eval_samples < 1 or (args.limit_test or 1) < 1:
+        p.error("--batch-sizes, --max-epochs, --eval-samples and --limit-test must be at least 1")
     if min(args.lrs) <= 0:
         p.error("--lrs must be positive")
     if not 0 < args.target < 1:
@@ -370,7 +372,7 @@ def main() -> None:
     n_train = args.limit_train or len(read_idx(files.paths["train_labels"]))
     # Shard 0 of 1: the trainer's data with one worker (its shards are sorted index sets).
     x, y = load_shard(files, n_train, 1, 0, args.seed)
-    tests = TestSets(files, args.seed)
+    tests = TestSets(files, args.seed, args.limit_test)
     s = Settings(args.optimizer, args.target, args.max_epochs, args.eval_samples, args.seed)
     batch_sizes, lrs = sorted(set(args.batch_sizes)), sorted(set(args.lrs))
 

@@ -97,6 +97,7 @@ class Outcome:
             "train_loss": s.loss,
             "test_loss": last_eval["test_loss"],
             "test_accuracy": last_eval["test_accuracy"],
+            "test_samples": len(recorder.test_y),  # what the test loss and accuracy were measured on
             **{k: v for k, v in last_eval.items() if k.startswith("best_worker") or k == "worker_accuracies"},
             "n_workers": cfg.n_workers,
             "dataset": cfg.dataset,

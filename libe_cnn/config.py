@@ -53,6 +53,7 @@ class TrainConfig:
     # system's copy (mnist.data.locate); a directory given is the only place looked in.
     data_dir: str | None = None
     limit_train: int | None = None  # use only the first K training samples
+    limit_test: int | None = None  # evaluate on the first K test samples only
     # --- training ---
     epochs: int | None = None  # default: by dataset (TRAINING_DEFAULTS, DATASET_DEFAULTS)
     max_steps: int | None = None  # stop after this many optimizer steps
@@ -96,6 +97,7 @@ class TrainConfig:
         need(self.dataset in DATASETS, f"--dataset must be one of {', '.join(DATASETS)} (got {self.dataset!r})")
         fill_training_defaults(self)
         need(self.limit_train is None or self.limit_train >= 1, "--limit-train must be at least 1")
+        need(self.limit_test is None or self.limit_test >= 1, "--limit-test must be at least 1")
         need(self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})")
         need(self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1")
         need(self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})")
@@ -194,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: ./data, then the system's copy)")
     g.add_argument("--limit-train", type=int, default=None, metavar="K",
                    help="train on the first K training samples only")
+    g.add_argument("--limit-test", type=int, default=None, metavar="K",
+                   help="evaluate on the first K test samples only (quicker evaluations)")
 
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=None, help=f"(default: {dataset_default('epochs')})")
@@ -260,8 +264,8 @@ def parse_redis_url(url: str) -> tuple[str, int, str | None]:
 
 # What may differ when a run is resumed: how long it trains, how often it reports, and
 # where it runs. Everything else would make the resumed run a different experiment.
-RESUME_OPTIONS = ("--epochs", "--max-steps", "--eval-every", "--checkpoint-every", "--on-nonfinite", "--device",
-                  "--gen-device", "--comms", "--redis-host", "--redis-port", "--redis-bind", "--redis-password")
+RESUME_OPTIONS = ("--epochs", "--max-steps", "--eval-every", "--limit-test", "--checkpoint-every", "--on-nonfinite",
+                  "--device", "--gen-device", "--comms", "--redis-host", "--redis-port", "--redis-bind", "--redis-password")
 
 
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:

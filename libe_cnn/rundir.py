@@ -6,9 +6,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # The umask can only be read by setting it, and it is process-global: read it once, at import,
 # before the trainer starts threads, so no other thread can create a file while it is 0.
@@ -42,7 +43,9 @@ def save_json(path: Path, data: dict) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(data, indent=2) + "\n"), binary=False)
 
 
-def save_state_dict(path: Path, module: torch.nn.Module) -> None:
+def save_state_dict(path: Path, module: "torch.nn.Module") -> None:
+    import torch  # here, so that `python -m libe_cnn plot` does not wait for torch
+
     state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     atomic_write(path, lambda f: torch.save(state, f))
 

@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset root, torchvision layout; only this directory is searched "
                         "(default: ./data, then the system's copy)")
     p.add_argument("--limit-train", type=int, default=None, metavar="K", help="train on the first K samples only")
+    p.add_argument("--limit-test", type=int, default=None, metavar="K", help="evaluate on the first K test samples only")
     p.add_argument("--epochs", type=int, default=None, help=f"(default: {dataset_default('epochs')})")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--batch-size", type=int, default=None,
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train(args: argparse.Namespace) -> dict:
     fill_training_defaults(args)
-    for name in ("epochs", "batch_size", "threads", "limit_train", "max_steps"):
+    for name in ("epochs", "batch_size", "threads", "limit_train", "limit_test", "max_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
@@ -61,7 +62,7 @@ def train(args: argparse.Namespace) -> dict:
     files = locate(args.dataset, args.data_dir)
     limit = args.batch_size if args.dry_run else args.limit_train
     train_x, train_y = load_split(files, train=True, limit=limit)
-    test_x, test_y = load_split(files, train=False, limit=1000 if args.dry_run else None)
+    test_x, test_y = load_split(files, train=False, limit=1000 if args.dry_run else args.limit_test)
     train_x, train_y = train_x.to(device), train_y.to(device)
     if len(train_y) < args.batch_size:
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(train_y)} training samples")
