@@ -64,6 +64,26 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subpro
                           timeout=timeout, env=env)
 
 
+@pytest.fixture
+def run_main(capsys):
+    """run_libe_cnn.py's main() in this process, for what ends before any worker starts.
+
+    Returns what a subprocess run would: the exit code and the two streams. A few tests run
+    the same cases as real subprocesses, so the two stay in agreement.
+    """
+    from run_libe_cnn import main
+
+    def run_(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's own exit (--help)
+            code = e.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+    return run_
+
+
 def write_cifar10(data_dir: Path, per_batch: int, test: int) -> Path:
     """CIFAR-10's binary layout with random images (labels 0..9 in turn) under data_dir."""
     directory = data_dir / "cifar-10-batches-bin"

@@ -57,7 +57,8 @@ def assert_speedup_data(result: dict, workers: list[int], modes: list[str]) -> N
 
 def test_batch_scaling_smoke(tmp_path, fashion_files):
     result = run_cli("benchmarks/batch_scaling.py", "--batch-sizes", "64", "256", "--lrs", "2e-3",
-                     "--target", "0.5", "--limit-train", "2048", "--max-epochs", "2", "--eval-samples", "2048",
+                     "--target", "0.5", "--limit-train", "2048", "--limit-test", "1000", "--max-epochs", "2",
+                     "--eval-samples", "2048",
                      "--out", str(tmp_path),
                      timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -70,15 +71,15 @@ def test_batch_scaling_smoke(tmp_path, fashion_files):
 
 
 def test_speedup_smoke(tmp_path, fashion_files):
-    # One mode (the one that splits the batch) keeps this to four launches; the other mode
-    # differs only in the per-worker batch it passes.
-    result = run_cli("benchmarks/speedup.py", "--workers", "1", "2", "--modes", "global", "--global-batch", "64",
+    # One N and one mode (the one that splits the batch) keep this to two launches, one per
+    # contender; the other mode differs only in the per-worker batch it passes.
+    result = run_cli("benchmarks/speedup.py", "--workers", "2", "--modes", "global", "--global-batch", "64",
                      "--steps", "2", "--warmup", "1", "--out", str(tmp_path), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_png(tmp_path / "speedup.png")
     data = json.loads((tmp_path / "speedup.json").read_text())
-    assert_speedup_data(data, [1, 2], ["global"])
-    assert [r["per_worker_batch"] for r in data["rows"] if r["contender"] == "ours"] == [64, 32]
+    assert_speedup_data(data, [2], ["global"])
+    assert [r["per_worker_batch"] for r in data["rows"] if r["contender"] == "ours"] == [32]
     assert "efficiency" in (tmp_path / "speedup.md").read_text()
 
 

@@ -1,9 +1,32 @@
-"""Bad input ends in one line on stderr and exit code 2, with nothing written."""
+"""Bad input ends in one line on stderr and exit code 2, with nothing written.
+
+Every check here ends before any worker starts, so most run run_libe_cnn's main() in this
+process (the run_main fixture); two run as real subprocesses, to show that a user's terminal
+sees that one line and nothing else (no warning, no traceback, from any import).
+"""
+
 
 import pytest
 import torch
 
 from tests.conftest import run_cli
+
+
+def one_line_exit_2(result, message: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--strategy", "allreduce"], "invalid choice: 'allreduce'"),  # the parser's own errors
+    (["--dataset", "fashion-mnist", "--limit-train", "10", "-n", "2"], "fewer than --batch-size"),  # after torch
+])
+def test_a_terminal_sees_one_line(tmp_path, args, message):
+    run_dir = tmp_path / "run"
+    result = run_cli("run_libe_cnn.py", *args, "--run-dir", str(run_dir), timeout=60)
+    one_line_exit_2(result, message)
+    assert result.stdout == "" and not run_dir.exists()
 
 
 @pytest.mark.parametrize(
@@ -13,24 +36,11 @@ from tests.conftest import run_cli
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--lr", "0"], "--lr must be positive"),
         (["--lr", "inf"], "--lr must be positive and finite"),
+        (["--limit-test", "0"], "--limit-test must be at least 1"),
         (["--strategy", "gossip", "-n", "1"], "it needs -n 2 or more"),
         (["--device", "cuda:x"], "--device must be auto, cpu, cuda or cuda:K"),
         (["--dataset", "fashion-mnist", "--limit-train", "10", "-n", "2"], "fewer than --batch-size"),
         (["--dataset", "fashion-mnist", "--redis-host", "127.0.0.1", "--redis-port", "1"], "cannot reach Redis"),
-    ],
-)
-def test_bad_input_is_one_line(tmp_path, args, message):
-    run_dir = tmp_path / "run"
-    result = run_cli("run_libe_cnn.py", *args, "--run-dir", str(run_dir), timeout=60)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
-    assert not run_dir.exists()
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
         (["--optimizer", "lbfgs"], "invalid choice: 'lbfgs'"),
         (["--strategy", "allreduce"], "invalid choice: 'allreduce'"),
         (["--epochs", "two"], "invalid int value: 'two'"),
@@ -43,100 +53,80 @@ def test_bad_input_is_one_line(tmp_path, args, message):
         (["--strategy", "easgd", "-n", "4", "--elastic-alpha", "0.5"], "at most 1/N"),
     ],
 )
-def test_bad_option_is_one_line(tmp_path, args, message):
+def test_bad_input_is_one_line(tmp_path, run_main, args, message):
     run_dir = tmp_path / "run"
-    result = run_cli("run_libe_cnn.py", *args, "--run-dir", str(run_dir), timeout=60)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    one_line_exit_2(run_main(*args, "--run-dir", str(run_dir)), message)
     assert not run_dir.exists()
 
 
-def test_missing_dataset_names_what_to_do(tmp_path):
+def test_missing_dataset_names_what_to_do(tmp_path, run_main, monkeypatch):
     # MNIST is not shipped; where it cannot be downloaded the error says how to provide it.
-    result = run_cli("run_libe_cnn.py", "--dataset", "mnist", "--data-dir", str(tmp_path / "nodata"),
-                     "--run-dir", str(tmp_path / "run"), timeout=120,
-                     env={"PATH": "/usr/bin:/bin", "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"})
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "mnist not found in" in lines[0] and "IDX files" in lines[0]
+    for var in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    result = run_main("--dataset", "mnist", "--data-dir", str(tmp_path / "nodata"), "--run-dir", str(tmp_path / "run"))
+    one_line_exit_2(result, "mnist not found in")
+    assert "IDX files" in result.stderr
     assert not (tmp_path / "run").exists()
 
 
-def test_existing_run_dir_is_not_overwritten(tmp_path):
+def test_existing_run_dir_is_not_overwritten(tmp_path, run_main):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "model.pt").write_bytes(b"precious")
-    result = run_cli("run_libe_cnn.py", "--dataset", "fashion-mnist", "--run-dir", str(run_dir), timeout=60)
-    assert result.returncode == 2 and "already exists" in result.stderr
+    one_line_exit_2(run_main("--dataset", "fashion-mnist", "--run-dir", str(run_dir)), "already exists")
     assert (run_dir / "model.pt").read_bytes() == b"precious"
 
 
 @pytest.mark.parametrize("damage, message", [("truncate", "truncated or corrupt"), ("magic", "bad magic")])
-def test_corrupt_data_file_is_caught_before_anything_starts(tiny_dataset, tmp_path, damage, message):
+def test_corrupt_data_file_is_caught_before_anything_starts(tiny_dataset, tmp_path, run_main, damage, message):
     images = tiny_dataset / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte"
     data = images.read_bytes()
     images.write_bytes(data[:-100] if damage == "truncate" else b"\x07\x07" + data[2:])
     run_dir = tmp_path / "run"
-    result = run_cli("run_libe_cnn.py", "--dataset", "fashion-mnist", "--data-dir", str(tiny_dataset),
-                     "--batch-size", "10", "--run-dir", str(run_dir), timeout=60)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "t10k-images" in lines[0], result.stderr
+    result = run_main("--dataset", "fashion-mnist", "--data-dir", str(tiny_dataset), "--batch-size", "10",
+                      "--run-dir", str(run_dir))
+    one_line_exit_2(result, message)
+    assert "t10k-images" in result.stderr
     assert not run_dir.exists()
 
 
-def test_missing_redis_server_says_how_to_install_it(tmp_path):
-    import os
-
+def test_missing_redis_server_says_how_to_install_it(tmp_path, run_main, monkeypatch):
     empty_path = tmp_path / "bin"
     empty_path.mkdir()
-    result = run_cli("run_libe_cnn.py", "--dataset", "fashion-mnist", "--run-dir", str(tmp_path / "run"),
-                     timeout=60, env={**os.environ, "PATH": str(empty_path)})
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "redis-server not found" in lines[0], result.stderr
-    assert "apt-get install redis-server" in lines[0] and "brew" in lines[0] and "pixi" in lines[0]
+    monkeypatch.setenv("PATH", str(empty_path))
+    result = run_main("--dataset", "fashion-mnist", "--run-dir", str(tmp_path / "run"))
+    one_line_exit_2(result, "redis-server not found")
+    assert "apt-get install redis-server" in result.stderr and "brew" in result.stderr and "pixi" in result.stderr
     assert not (tmp_path / "run").exists()
 
 
-def one_line_exit_2(result, message: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def test_wrong_redis_password(tmp_path, redis_address, fashion_files):
-    import os
-
-    env = {**os.environ, "REDIS_URL": f"redis://:wrong@{redis_address.host}:{redis_address.port}/0"}
-    result = run_cli("run_libe_cnn.py", "--dataset", "fashion-mnist", "--run-dir", str(tmp_path / "run"),
-                     env=env, timeout=60)
-    one_line_exit_2(result, "refused the password")
+def test_wrong_redis_password(tmp_path, redis_address, fashion_files, run_main, monkeypatch):
+    monkeypatch.setenv("REDIS_URL", f"redis://:wrong@{redis_address.host}:{redis_address.port}/0")
+    one_line_exit_2(run_main("--dataset", "fashion-mnist", "--run-dir", str(tmp_path / "run")), "refused the password")
     assert not (tmp_path / "run").exists()
 
 
-def test_private_redis_port_in_use(tmp_path, redis_address, fashion_files):
-    result = run_cli("run_libe_cnn.py", "--dataset", "fashion-mnist", "--redis-port", str(redis_address.port),
-                     "--run-dir", str(tmp_path / "run"), timeout=60)
+def test_private_redis_port_in_use(tmp_path, redis_address, fashion_files, run_main):
+    result = run_main("--dataset", "fashion-mnist", "--redis-port", str(redis_address.port),
+                      "--run-dir", str(tmp_path / "run"))
     one_line_exit_2(result, "choose another --redis-port")
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: asking for one is no error")
 @pytest.mark.parametrize("flag", ["--device", "--gen-device"])
-def test_a_gpu_that_is_not_there_is_refused_before_start(tmp_path, flag):
-    result = run_cli("run_libe_cnn.py", "--dataset", "fashion-mnist", flag, "cuda", "--run-dir", str(tmp_path / "run"),
-                     timeout=60)
+def test_a_gpu_that_is_not_there_is_refused_before_start(tmp_path, run_main, flag):
+    result = run_main("--dataset", "fashion-mnist", flag, "cuda", "--run-dir", str(tmp_path / "run"))
     one_line_exit_2(result, f"{flag} cuda: no GPU is visible on this node")
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("where, reason", [("/proc/libe-cnn-run", "No such file or directory"),
                                            ("file/run", "Not a directory")])
-def test_a_run_directory_that_cannot_be_created_is_one_line(tmp_path, fashion_files, where, reason):
+def test_a_run_directory_that_cannot_be_created_is_one_line(tmp_path, fashion_files, run_main, where, reason):
     (tmp_path / "file").write_text("a regular file")
     run_dir = where if where.startswith("/") else str(tmp_path / where)
-    result = run_cli("run_libe_cnn.py", "--dataset", "fashion-mnist", "--run-dir", run_dir, timeout=60)
-    one_line_exit_2(result, f"cannot create run directory {run_dir}: {reason}")
+    one_line_exit_2(run_main("--dataset", "fashion-mnist", "--run-dir", run_dir),
+                    f"cannot create run directory {run_dir}: {reason}")

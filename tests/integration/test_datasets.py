@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import torch
@@ -14,8 +13,6 @@ from tests.conftest import run_cli, write_cifar10, write_idx
 
 # Any download is refused at once by a local port: these tests never need the internet.
 REFUSING_PROXY = "http://127.0.0.1:9"
-OFFLINE_ENV = {**{k: v for k, v in os.environ.items() if k.lower() != "no_proxy"},
-               **{k: REFUSING_PROXY for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}}
 
 
 def test_iris_trains_to_90_percent_in_seconds(tmp_path):
@@ -48,35 +45,40 @@ def test_cifar10_runs_its_own_cnn_through_the_ensemble(tmp_path):
     assert np.isfinite(summary["test_loss"])
 
 
-def test_truncated_cifar10_file_is_one_line_before_start(tmp_path):
+# The three checks below end before anything starts: run_libe_cnn's main() in this process.
+
+def test_truncated_cifar10_file_is_one_line_before_start(tmp_path, run_main):
     data_dir = write_cifar10(tmp_path / "data", per_batch=10, test=10)
     batch = data_dir / "cifar-10-batches-bin" / "data_batch_3.bin"
     batch.write_bytes(batch.read_bytes()[:-5])
-    result = run_cli("run_libe_cnn.py", "--dataset", "cifar10", "--data-dir", str(data_dir),
-                     "--run-dir", str(tmp_path / "run"))
+    result = run_main("--dataset", "cifar10", "--data-dir", str(data_dir), "--run-dir", str(tmp_path / "run"))
     errors = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(errors) == 1 and "data_batch_3.bin is truncated" in errors[0], result.stderr
     assert not (tmp_path / "run").exists()
 
 
-def test_bad_label_is_one_line_before_start(tiny_dataset, tmp_path):
+def test_bad_label_is_one_line_before_start(tiny_dataset, tmp_path, run_main):
     # The reported case: one label byte set to 250 used to fail only at the step that drew it.
     labels = np.arange(100) % 10
     labels[17] = 250
     write_idx(tiny_dataset / "FashionMNIST" / "raw" / "train-labels-idx1-ubyte", labels, gz=True)
-    result = run_cli("run_libe_cnn.py", "-n", "2", "--dataset", "fashion-mnist", "--data-dir", str(tiny_dataset),
-                     "--batch-size", "16", "--run-dir", str(tmp_path / "run"))
+    result = run_main("-n", "2", "--dataset", "fashion-mnist", "--data-dir", str(tiny_dataset),
+                      "--batch-size", "16", "--run-dir", str(tmp_path / "run"))
     errors = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(errors) == 1, result.stderr
     assert "train-labels-idx1-ubyte.gz is corrupt: label 250 at position 17 is not a class 0-9" in errors[0]
     assert not (tmp_path / "run").exists()
 
 
-def test_explicit_data_dir_is_the_only_place_looked(tmp_path):
+def test_explicit_data_dir_is_the_only_place_looked(tmp_path, run_main, monkeypatch):
     # It used to train on the system copy while config.json said /nonexistent.
     data_dir = tmp_path / "nonexistent"
-    result = run_cli("run_libe_cnn.py", "-n", "2", "--dataset", "fashion-mnist", "--data-dir", str(data_dir),
-                     "--max-steps", "1", "--run-dir", str(tmp_path / "run"), timeout=120, env=OFFLINE_ENV)
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, REFUSING_PROXY)
+    result = run_main("-n", "2", "--dataset", "fashion-mnist", "--data-dir", str(data_dir), "--max-steps", "1",
+                      "--run-dir", str(tmp_path / "run"))
     errors = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(errors) == 1, result.stderr
     assert f"fashion-mnist not found in {data_dir}/FashionMNIST/raw" in errors[0]

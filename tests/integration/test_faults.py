@@ -23,7 +23,7 @@ DETECTION_LIMIT_S = 30
 def start_run(run_dir, *options: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "run_libe_cnn.py", "-n", "2", "--dataset", "fashion-mnist", "--max-steps", "5000",
-         "--eval-every", "5", "--checkpoint-every", "5", "--run-dir", str(run_dir), *options],
+         "--eval-every", "5", "--limit-test", "500", "--checkpoint-every", "5", "--run-dir", str(run_dir), *options],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
 
@@ -114,34 +114,4 @@ def test_a_killed_redis_server_ends_the_run(tmp_path, fashion_files):
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) in (checkpoint_step - 1, checkpoint_step)
 
-
-# SGD at this learning rate blows the weights up in one step: from the second step on, every
-# worker's gradient holds NaN or inf. A real divergence, no injected fault.
-DIVERGING = ["--optimizer", "sgd", "--lr", "1e20", "--no-dropout", "--limit-train", "2048", "--max-steps", "6"]
-
-
-def test_nonfinite_gradient_stops_the_run_keeping_the_last_good_parent(tmp_path, fashion_files):
-    run_dir = tmp_path / "run"
-    result = run_cli("run_libe_cnn.py", "-n", "2", "--dataset", "fashion-mnist", *DIVERGING, "--run-dir", str(run_dir))
-    assert result.returncode == 1, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
-    assert len(errors) == 1 and "non-finite gradient" in errors[0] and "at step 2" in errors[0], result.stderr
-    assert "worker 1" in errors[0] and "worker 2" in errors[0]
-    state = torch.load(run_dir / "model.pt", weights_only=True)
-    assert all(torch.isfinite(v).all() for v in state.values())  # the parent after step 1
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["completed"] is False and "non-finite" in summary["error"]
-
-
-@pytest.mark.parametrize("strategy", ["sync", "async"])
-def test_nonfinite_gradients_can_be_skipped_and_counted(tmp_path, fashion_files, strategy):
-    run_dir = tmp_path / "run"
-    result = run_cli("run_libe_cnn.py", "-n", "2", "--dataset", "fashion-mnist", *DIVERGING, "--strategy", strategy,
-                     "--on-nonfinite", "skip", "--run-dir", str(run_dir))
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "event" not in r]
-    assert summary["completed"] and summary["nonfinite_skipped"] == sum(int(r["nonfinite"]) for r in steps) > 0
-    state = torch.load(run_dir / "model.pt", weights_only=True)
-    assert all(torch.isfinite(v).all() for v in state.values())
+# Non-finite gradients (stop, and skip) are detected by the generator: tests/loops, in-process.

@@ -8,12 +8,14 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import psutil
 import torch
 
 from libe_cnn.store import run_keys
+from mnist.model import build_model
 from tests.conftest import ROOT, run_cli
-from tests.integration.test_trainer import redis_servers
+from tests.integration.test_trainer import redis_env, redis_servers, single_process_steps
 
 # Open MPI refuses root and more ranks than cores unless told; MPICH ignores these.
 MPI_ENV = {
@@ -39,23 +41,6 @@ def our_processes() -> set[int]:
             if any("run_libe_cnn.py" in part or "spawn_main" in part for part in p.info["cmdline"] or [])}
 
 
-def test_mpiexec_three_ranks_two_workers(tmp_path, redis_address, fashion_files):
-    before = our_processes()
-    run_dir = tmp_path / "run"
-    env = {**os.environ, "REDIS_URL": f"redis://:{redis_address.password}@{redis_address.host}:{redis_address.port}/0"}
-    result = mpirun(3, "--dataset", "fashion-mnist", "--limit-train", "4096", "--max-steps", "30",
-                    "--run-dir", str(run_dir), env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert our_processes() <= before  # no rank left behind
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["n_workers"] == 2 and summary["steps"] == 30 and summary["completed"]
-    assert summary["test_accuracy"] > 0.5
-    assert {"config.json", "metrics.jsonl", "model.pt", "ensemble.log"} <= {p.name for p in run_dir.iterdir()}
-    config = json.loads((run_dir / "config.json").read_text())
-    assert run_keys(redis_address, config["run_id"]) == []
-    assert result.stdout.count("done:") == 1  # only the manager reports
-
-
 def test_mpi_needs_a_reachable_redis(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     result = mpirun(2, "--run-dir", str(tmp_path / "r"), env=env)
@@ -70,22 +55,56 @@ def test_local_and_mpi_comms_train_bitwise_the_same_model(tmp_path, fashion_file
     The generator reduces the gradients in shard order whichever worker reports first, and
     every process gets the same share of threads, so the float operations are identical.
     Under MPI the run also starts its own private Redis (--redis-bind), which every rank
-    reaches through the plan and which is gone when the job ends.
+    reaches through the plan and which is gone when the job ends, with every rank.
+    Both equal one process stepping on the union batch (tests/loops checks it in-process too).
     """
-    options = ["--dataset", "fashion-mnist", "--limit-train", "1024", "--batch-size", "16", "--max-steps", "4",
-               "--no-dropout", "--optimizer", "sgd", "--lr", "0.05", "--reduce", "mean", "--seed", "3"]
-    servers_before = redis_servers()
+    seed, n_train, batch, steps, lr = 3, 1024, 16, 4, 0.05
+    options = ["--dataset", "fashion-mnist", "--limit-train", str(n_train), "--batch-size", str(batch),
+               "--max-steps", str(steps), "--no-dropout", "--optimizer", "sgd", "--lr", str(lr), "--reduce", "mean",
+               "--seed", str(seed), "--limit-test", "200"]
+    servers_before, processes_before = redis_servers(), our_processes()
     local = run_cli("run_libe_cnn.py", "-n", "2", *options, "--run-dir", str(tmp_path / "local"))
     assert local.returncode == 0, local.stderr[-3000:]
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     mpi = mpirun(3, *options, "--redis-bind", "127.0.0.1", "--run-dir", str(tmp_path / "mpi"), env=env)
     assert mpi.returncode == 0, mpi.stderr[-3000:]
+    assert mpi.stdout.count("done:") == 1  # only the manager reports
+    assert our_processes() <= processes_before  # no rank left behind
+    assert redis_servers() <= servers_before
     a = torch.load(tmp_path / "local" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "mpi" / "model.pt", weights_only=True)
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    assert json.loads((tmp_path / "mpi" / "summary.json").read_text())["n_workers"] == 2
-    config = json.loads((tmp_path / "mpi" / "config.json").read_text())
+    reference = single_process_steps(fashion_files, seed, n_train, 2, batch, steps, lr)
+    initial = build_model(seed, dropout=False).state_dict()
+    for name, value in reference.items():
+        assert not torch.equal(value, initial[name]), f"{name} did not train"
+        np.testing.assert_allclose(a[name].numpy(), value.numpy(), atol=1e-5, rtol=0, err_msg=name)
+    run_dir = tmp_path / "mpi"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["n_workers"] == 2 and summary["steps"] == 4 and summary["completed"]
+    assert {"config.json", "metrics.jsonl", "model.pt", "ensemble.log"} <= {p.name for p in run_dir.iterdir()}
+    config = json.loads((run_dir / "config.json").read_text())
     assert config["redis_bind"] == "127.0.0.1" and config["redis_password"] is None
-    assert redis_servers() <= servers_before
+
+
+def test_an_external_redis_is_left_running_and_clean(tmp_path, redis_address, fashion_files):
+    """The multi-node setup: every rank reaches the user's Redis (REDIS_URL); local comms use it in test_strategies.
+
+    Over a 16-bit wire (tests/loops measures its traffic): both ends of the codec in real processes.
+    """
+    run_dir = tmp_path / "run"
+    result = mpirun(3, "--dataset", "fashion-mnist", "--limit-train", "2048", "--max-steps", "3",
+                    "--limit-test", "200", "--wire-dtype", "bfloat16", "--run-dir", str(run_dir),
+                    env=redis_env(redis_address))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["wire_dtype"] == "bfloat16" and summary["steps"] == 3 and np.isfinite(summary["test_loss"])
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["redis_host"] == redis_address.host
+    assert redis_address.password not in (run_dir / "config.json").read_text()
+    assert redis_address.password not in (run_dir / "ensemble.log").read_text()
+    assert run_keys(redis_address, config["run_id"]) == []
+    with redis_address.client() as client:
+        assert client.ping()

@@ -28,53 +28,38 @@ def read_run(run_dir):
     return summary, records, config
 
 
-# One real-process run per family (sync runs in test_trainer); tests/loops runs every strategy in-process.
+# One real-process run per family (sync runs in test_trainer); tests/loops runs every strategy in-process,
+# with staleness limits, non-finite results and the evaluation and checkpoint boundaries.
 @pytest.mark.parametrize("strategy", ["async", "easgd", "gossip"])
 def test_each_strategy_trains_with_three_workers(tmp_path, fashion_files, redis_address, strategy):
     run_dir = tmp_path / "run"
     result = run_cli("run_libe_cnn.py", "-n", "3", "--dataset", "fashion-mnist", "--limit-train", "6144",
-                     "--max-steps", "24", "--eval-every", "4", "--strategy", strategy, "--run-dir", str(run_dir),
-                     env=redis_env(redis_address))
+                     "--max-steps", "12", "--eval-every", "4", "--limit-test", "1000", "--strategy", strategy,
+                     "--run-dir", str(run_dir), env=redis_env(redis_address))
     assert result.returncode == 0, result.stderr[-3000:]
     summary, records, config = read_run(run_dir)
     assert summary["strategy"] == config["strategy"] == strategy and summary["completed"]
-    assert summary["samples"] == 24 * 3 * 64  # the same sample budget for every strategy
-    assert summary["test_accuracy"] > 0.5, summary  # chance is 0.1
+    assert summary["samples"] == 12 * 3 * 64  # the same sample budget for every strategy
+    assert summary["test_accuracy"] > 0.4, summary  # chance is 0.1
     assert summary["store_bytes_per_sample"] > 0
     evals = [r for r in records if r.get("event") == "eval"]
     steps = [r for r in records if "event" not in r]
     # Evaluated at the same points. Async results often arrive several at once; an evaluation
     # still sees the parent exactly after the gradients that complete its step.
-    assert [e["samples"] for e in evals] == [k * 4 * 3 * 64 for k in range(1, 7)]
+    assert [e["samples"] for e in evals] == [k * 4 * 3 * 64 for k in range(1, 4)]
     assert run_keys(redis_address, config["run_id"]) == []
     if strategy == "async":
         # One step per gradient; every gradient's staleness is recorded.
-        assert len(steps) == summary["steps"] == 72
+        assert len(steps) == summary["steps"] == 36
         assert all(r["staleness"] >= 0 for r in steps) and max(r["staleness"] for r in steps) >= 1
-        assert summary["updates"] + summary["dropped"] == 72 and summary["dropped"] == 0
-    if strategy == "local":
-        assert "worker_accuracies" not in evals[0] and len(evals[-1]["worker_accuracies"]) == 3
-        assert summary["best_worker_accuracy"] == max(evals[-1]["worker_accuracies"])
-    if strategy in ("param-avg", "weighted-param-avg", "easgd", "gossip"):
+        assert summary["updates"] + summary["dropped"] == 36 and summary["dropped"] == 0
+        # One count everywhere, named for what it counts: the header, the progress line, the done line.
+        err = result.stderr
+        assert "36 gradients (12 per worker)" in err and "gradient 36/36" in err and "gradient 36: test" in err, err
+        assert "done: 36 gradients (36 applied, 0 dropped as stale)" in result.stdout, result.stdout
+    else:
         # Rounds of 4 local steps, each ending at an evaluation point.
-        assert [r["step"] for r in steps] == [4, 8, 12, 16, 20, 24] and summary["exchanges"] == 5
-
-
-def test_async_drops_gradients_older_than_max_staleness(tmp_path, fashion_files):
-    run_dir = tmp_path / "run"
-    result = run_cli("run_libe_cnn.py", "-n", "3", "--dataset", "fashion-mnist", "--limit-train", "3072",
-                     "--max-steps", "10", "--strategy", "async", "--max-staleness", "0", "--run-dir", str(run_dir))
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary, records, _ = read_run(run_dir)
-    steps = [r for r in records if "event" not in r]
-    assert all(r["dropped"] == (r["staleness"] > 0) for r in steps)
-    assert summary["dropped"] == sum(r["dropped"] for r in steps) > 0
-    assert summary["updates"] == 30 - summary["dropped"]
-    # One count everywhere, named for what it counts: the header, the progress line, the done line.
-    err = result.stderr
-    assert "30 gradients (10 per worker)" in err and "gradient 30/30" in err and "gradient 30: test" in err, err
-    assert (f"done: 30 gradients ({summary['updates']} applied, {summary['dropped']} dropped as stale)"
-            in result.stdout), result.stdout
+        assert [r["step"] for r in steps] == [4, 8, 12] and summary["exchanges"] == 2
 
 
 # --- parity: the ensemble computes exactly what one process computes with the same math ---

@@ -165,9 +165,12 @@ def test_async_drops_gradients_older_than_max_staleness(loop_data, redis_address
 # --- the summary: throughput, breakdown, traffic ---
 
 def test_summary_reports_steady_throughput_breakdown_and_traffic(run):
-    run_dir = run("-n", "2", "--limit-train", "768", "--batch-size", "16", "--max-steps", "12", "--eval-every", "5")
+    run_dir = run("-n", "2", "--limit-train", "768", "--batch-size", "16", "--max-steps", "12", "--eval-every", "5",
+                  "--limit-test", "120")
     summary, _, evals = read_run(run_dir)
     assert [e["step"] for e in evals] == [5, 10, 12]
+    assert summary["test_samples"] == 120  # of loop_data's 200
+    assert all(round(e["test_accuracy"] * 120, 6).is_integer() for e in evals)
     assert summary["steady_samples_per_s"] > summary["samples_per_s"] > 0  # start-up and evaluation excluded
     parts = summary["breakdown_s"]
     assert set(parts) >= {"fetch_s", "update_s", "publish_s", "sim_compute_s", "sim_load_s", "sim_put_s"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -149,11 +150,26 @@ def test_argument_errors_are_one_line(capsys):
     assert err.startswith("error: ") and err.count("\n") == 1
 
 
-def run_cli(*args: str, cwd: Path, umask: int = -1) -> subprocess.CompletedProcess:
-    """`python -m libe_cnn plot ARGS` in `cwd`; umask -1 leaves this process's own."""
+def run_subprocess(*args: str, cwd: Path, umask: int = -1) -> subprocess.CompletedProcess:
+    """`python -m libe_cnn plot ARGS` in `cwd`, as a user types it; umask -1 leaves this process's own."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "libe_cnn", "plot", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120, umask=umask)
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """The same command run in this process (the subprocess test shows they agree): main() in `cwd`."""
+    def run_(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            with contextlib.chdir(cwd):
+                code = main(["plot", *args])
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+    return run_
 
 
 def files(*dirs: Path) -> dict[Path, bytes]:
@@ -167,7 +183,7 @@ def test_cli_overlays_two_runs(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
 
-    result = run_cli(str(a), str(b), "-o", "overlay.png", cwd=work)
+    result = run_subprocess(str(a), str(b), "-o", "overlay.png", cwd=work)
 
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
@@ -179,7 +195,7 @@ def test_cli_overlays_two_runs(tmp_path):
     assert data["runs"][1]["eval"]["test_accuracy"][-1] == pytest.approx(0.75)
 
 
-def test_cli_error_is_one_line_and_exit_2(tmp_path):
+def test_cli_error_is_one_line_and_exit_2(tmp_path, run_cli):
     result = run_cli(str(tmp_path / "nowhere"), "-o", str(tmp_path / "curves.png"), cwd=tmp_path)
 
     assert result.returncode == 2
@@ -189,9 +205,9 @@ def test_cli_error_is_one_line_and_exit_2(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["elsewhere", "inside a run"])
-def test_cli_several_runs_without_output_write_nothing(tmp_path, where):
+def test_cli_several_runs_without_output_write_nothing(tmp_path, run_cli, where):
     a, b = make_run(tmp_path / "a"), make_run(tmp_path / "b", strategy="easgd")
-    write_curves([a], a / "curves.png")  # run a's own figure, as the trainer leaves it
+    (a / "curves.png").write_bytes(PNG_SIGNATURE)  # run a's own figure, as the trainer leaves it
     work = tmp_path / "work"
     work.mkdir()
     before = files(tmp_path)
@@ -213,10 +229,10 @@ def test_cli_several_runs_without_output_write_nothing(tmp_path, where):
     ("a", "a/config.png"),     # its JSON would be the run's config.json
     ("a", "b/summary.png"),
 ])
-def test_cli_refuses_to_replace_a_runs_files(tmp_path, plotted, output):
+def test_cli_refuses_to_replace_a_runs_files(tmp_path, run_cli, plotted, output):
     for name in "abc":
         run = make_run(tmp_path / name)
-        write_curves([run], run / "curves.png")
+        (run / "curves.png").write_bytes(PNG_SIGNATURE)  # each run's own figure (what it holds does not matter)
         (run / "summary.json").write_text('{"completed": true}\n')
     before = files(tmp_path)
 
@@ -230,11 +246,12 @@ def test_cli_refuses_to_replace_a_runs_files(tmp_path, plotted, output):
 
 @pytest.mark.parametrize("umask", [0o022, 0o027], ids=["022", "027"])
 def test_cli_one_run_refreshes_its_own_figure_with_the_usual_mode(tmp_path, umask):
+    # A subprocess: the umask is process-wide, and libe_cnn.rundir reads it once, at import.
     run = make_run(tmp_path / "run")
     work = tmp_path / "work"
     work.mkdir()
 
-    result = run_cli(str(run), cwd=work, umask=umask)  # no -o: the run's own curves.png
+    result = run_subprocess(str(run), cwd=work, umask=umask)  # no -o: the run's own curves.png
 
     assert result.returncode == 0, result.stderr
     check_png(run / "curves.png")
@@ -242,6 +259,6 @@ def test_cli_one_run_refreshes_its_own_figure_with_the_usual_mode(tmp_path, umas
     for name in ("curves.png", "curves.json"):  # as open() makes them, not mkstemp's 0600
         assert (run / name).stat().st_mode & 0o777 == 0o666 & ~umask
     # Naming its own figure explicitly, from inside the run, is allowed too.
-    result = run_cli(str(run), "-o", "curves.png", cwd=run, umask=umask)
+    result = run_subprocess(str(run), "-o", "curves.png", cwd=run, umask=umask)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "curves.json", "curves.png", "metrics.jsonl"]
