@@ -348,7 +348,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true",
                    help="redraw the tables and figure from the saved JSON, without training")
     args = p.parse_args()
-    if min(args.batch_sizes) < 1 or args.max_epochs < 1 or args.eval_samples < 1 or (args.limit_test or 1) < 1:
+    too_small = args.limit_test is not None and args.limit_test < 1
+    if min(args.batch_sizes) < 1 or args.max_epochs < 1 or args.eval_samples < 1 or too_small:
         p.error("--batch-sizes, --max-epochs, --eval-samples and --limit-test must be at least 1")
     if min(args.lrs) <= 0:
         p.error("--lrs must be positive")

@@ -57,7 +57,8 @@ class GenRun:
             self.parent.restore(self.resumed)
         self.state = LoopState.restored(plan, self.resumed) if self.resumed else LoopState.fresh(plan)
         start = time.perf_counter() - (self.resumed["wall_s"] if self.resumed else 0.0)
-        self.recorder = Recorder(plan, self.parent, self.state, load_split(plan.files, train=False, limit=cfg.limit_test),
+        test_set = load_split(plan.files, train=False, limit=cfg.limit_test)
+        self.recorder = Recorder(plan, self.parent, self.state, test_set,
                                  self.resumed["metrics_lines"] if self.resumed else None, start)
         self.outcome = Outcome(plan, self.parent, self.state, self.recorder, self.resumed)
         m, r, o = self.messages, self.recorder, self.outcome

@@ -155,8 +155,8 @@ class TrainConfig:
         need(self.on_nonfinite in ON_NONFINITE,
              f"--on-nonfinite must be one of {', '.join(ON_NONFINITE)} (got {self.on_nonfinite!r})")
         need(self.on_nonfinite == "stop" or chosen.skips_nonfinite,
-             f"--on-nonfinite skip applies only to {' and '.join(strategies.skipping_nonfinite())} (got --strategy {self.strategy}): "
-             "a worker whose parameters went non-finite cannot be skipped")
+             f"--on-nonfinite skip applies only to {' and '.join(strategies.skipping_nonfinite())} "
+             f"(got --strategy {self.strategy}): a worker whose parameters went non-finite cannot be skipped")
 
     def public_dict(self) -> dict:
         """The configuration as saved and printed: everything but the password."""
@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"{', '.join(strategies.takers(option))}: {option.help} (default: {default})")
     g.add_argument("--on-nonfinite", choices=ON_NONFINITE, default=d["on_nonfinite"].default,
                    help="a gradient or model with NaN/inf: stop, keeping the last good parent, or "
-                        f"({', '.join(strategies.skipping_nonfinite())}) skip that worker's contribution and count it (default: %(default)s)")
+                        f"({', '.join(strategies.skipping_nonfinite())}) skip that worker's contribution and count it "
+                        "(default: %(default)s)")
 
     g = p.add_argument_group("redis (default: a private server started for the run)")
     g.add_argument("--redis-host", default=None, help="use this Redis server instead (also: REDIS_URL)")
@@ -265,7 +266,8 @@ def parse_redis_url(url: str) -> tuple[str, int, str | None]:
 # What may differ when a run is resumed: how long it trains, how often it reports, and
 # where it runs. Everything else would make the resumed run a different experiment.
 RESUME_OPTIONS = ("--epochs", "--max-steps", "--eval-every", "--limit-test", "--checkpoint-every", "--on-nonfinite",
-                  "--device", "--gen-device", "--comms", "--redis-host", "--redis-port", "--redis-bind", "--redis-password")
+                  "--device", "--gen-device", "--comms", "--redis-host", "--redis-port", "--redis-bind",
+                  "--redis-password")
 
 
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:

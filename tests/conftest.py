@@ -64,24 +64,39 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subpro
                           timeout=timeout, env=env)
 
 
+def call_main(main, args, capsys) -> subprocess.CompletedProcess:
+    """A command's main(args) in this process, returned as a subprocess run would be: code and streams."""
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse's own exits (errors of the plot command, --help)
+        code = e.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
 @pytest.fixture
 def run_main(capsys):
     """run_libe_cnn.py's main() in this process, for what ends before any worker starts.
 
-    Returns what a subprocess run would: the exit code and the two streams. A few tests run
-    the same cases as real subprocesses, so the two stay in agreement.
+    A few tests run the same cases as real subprocesses, so the two stay in agreement.
     """
     from run_libe_cnn import main
 
-    def run_(*args: str) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        try:
-            code = main(list(args))
-        except SystemExit as e:  # argparse's own exit (--help)
-            code = e.code
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
-    return run_
+    return lambda *args: call_main(main, args, capsys)
+
+
+# Any download is refused at once by a local port: tests never need the internet.
+REFUSING_PROXY = "http://127.0.0.1:9"
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Downloads in this process fail at once, as they would on a machine without internet."""
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, REFUSING_PROXY)
 
 
 def write_cifar10(data_dir: Path, per_batch: int, test: int) -> Path:

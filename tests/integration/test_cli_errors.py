@@ -59,12 +59,8 @@ def test_bad_input_is_one_line(tmp_path, run_main, args, message):
     assert not run_dir.exists()
 
 
-def test_missing_dataset_names_what_to_do(tmp_path, run_main, monkeypatch):
+def test_missing_dataset_names_what_to_do(tmp_path, run_main, offline):
     # MNIST is not shipped; where it cannot be downloaded the error says how to provide it.
-    for var in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
-        monkeypatch.setenv(var, "http://127.0.0.1:9")
-    monkeypatch.delenv("no_proxy", raising=False)
-    monkeypatch.delenv("NO_PROXY", raising=False)
     result = run_main("--dataset", "mnist", "--data-dir", str(tmp_path / "nodata"), "--run-dir", str(tmp_path / "run"))
     one_line_exit_2(result, "mnist not found in")
     assert "IDX files" in result.stderr

@@ -11,9 +11,6 @@ from mnist.data import SYSTEM_DIRS
 from mnist.model import build_model
 from tests.conftest import run_cli, write_cifar10, write_idx
 
-# Any download is refused at once by a local port: these tests never need the internet.
-REFUSING_PROXY = "http://127.0.0.1:9"
-
 
 def test_iris_trains_to_90_percent_in_seconds(tmp_path):
     run_dir = tmp_path / "run"
@@ -70,13 +67,9 @@ def test_bad_label_is_one_line_before_start(tiny_dataset, tmp_path, run_main):
     assert not (tmp_path / "run").exists()
 
 
-def test_explicit_data_dir_is_the_only_place_looked(tmp_path, run_main, monkeypatch):
+def test_explicit_data_dir_is_the_only_place_looked(tmp_path, run_main, offline):
     # It used to train on the system copy while config.json said /nonexistent.
     data_dir = tmp_path / "nonexistent"
-    for var in ("no_proxy", "NO_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
-        monkeypatch.setenv(var, REFUSING_PROXY)
     result = run_main("-n", "2", "--dataset", "fashion-mnist", "--data-dir", str(data_dir), "--max-steps", "1",
                       "--run-dir", str(tmp_path / "run"))
     errors = result.stderr.strip().splitlines()

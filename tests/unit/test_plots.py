@@ -16,6 +16,7 @@ import pytest
 from libe_cnn.__main__ import main
 from libe_cnn.errors import UserError
 from libe_cnn.plots import read_metrics, run_labels, read_run, smooth, write_curves
+from tests.conftest import call_main
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -161,14 +162,8 @@ def run_subprocess(*args: str, cwd: Path, umask: int = -1) -> subprocess.Complet
 def run_cli(capsys):
     """The same command run in this process (the subprocess test shows they agree): main() in `cwd`."""
     def run_(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        try:
-            with contextlib.chdir(cwd):
-                code = main(["plot", *args])
-        except SystemExit as e:
-            code = e.code
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
+        with contextlib.chdir(cwd):
+            return call_main(main, ["plot", *args], capsys)
     return run_
 
 
