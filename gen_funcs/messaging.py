@@ -13,8 +13,10 @@ from libensemble.comms.comms import Timeout as CommTimeout
 from libensemble.message_numbers import PERSIS_STOP, STOP_TAG
 from libensemble.tools.persistent_support import PersistentSupport
 
+from libe_cnn import stream
 from libe_cnn.config import TrainConfig
 from libe_cnn.liveness import TTL_S, LivenessCheck
+from libe_cnn.plan import SIM_OUT
 from libe_cnn.store import TensorStore
 from libe_cnn.wire import from_wire
 
@@ -56,6 +58,10 @@ class Messenger:
                  gen_out) -> None:
         self.cfg, self.n = cfg, cfg.n_workers
         self.ps, self.store, self.liveness, self.gen_out = ps, store, liveness, gen_out
+        self.sim_rows = np.dtype(SIM_OUT)
+        # Rows received while waiting on the store, for the next `receive`; and whether a stop came.
+        self._early: list[np.ndarray] = []
+        self._stop_seen = False
 
     def send(self, count: int, version: int, n_steps: int = 1, params_key: str = "", peers_key: str = "",
              checkpoint: bool = False) -> None:
@@ -70,13 +76,46 @@ class Messenger:
 
         Raises WorkerLost if a simulator goes silent meanwhile, rather than wait forever.
         """
+        if self._early:
+            return self._early.pop(0)
+        if self._stop_seen:
+            return None
         while not self._mail_within(LIVENESS_CHECK_S):
-            lost = self.liveness.lost()
-            if lost:
-                raise WorkerLost(", ".join(f"worker {s + 1}" for s in lost)
-                                 + f" stopped responding (no heartbeat for {TTL_S} s): it died, hangs, or lost its node")
+            self.check_liveness()
         tag, _, calc_in = self.ps.recv()
         return None if tag in (STOP_TAG, PERSIS_STOP) else calc_in
+
+    def check_liveness(self) -> None:
+        lost = self.liveness.lost()
+        if lost:
+            raise WorkerLost(", ".join(f"worker {s + 1}" for s in lost)
+                             + f" stopped responding (no heartbeat for {TTL_S} s): it died, hangs, or lost its node")
+
+    def stopped(self) -> bool:
+        """Whether the manager has stopped the run; rows that came meanwhile are kept for `receive`."""
+        while not self._stop_seen and self.ps.comm.mail_flag():
+            tag, _, calc_in = self.ps.recv()
+            if tag in (STOP_TAG, PERSIS_STOP):
+                self._stop_seen = True
+            else:
+                self._early.append(calc_in)
+        return self._stop_seen
+
+    def next_token(self, queue: str) -> str | None:
+        """The next token of one of the run's queues in the store; None when the manager stops the run.
+
+        Raises WorkerLost if a simulator goes silent meanwhile, rather than wait forever.
+        """
+        silent_since = time.perf_counter()
+        while True:
+            token = stream.blocking(lambda: self.store.next_token(queue, stream.POLL_S))
+            if token is not None:
+                return token
+            if self.stopped():
+                return None
+            if time.perf_counter() - silent_since >= LIVENESS_CHECK_S:
+                self.check_liveness()
+                silent_since = time.perf_counter()
 
     def _mail_within(self, seconds: float) -> bool:
         """Wait up to `seconds` for a message from the manager, leaving it to be received."""
@@ -88,11 +127,12 @@ class Messenger:
         comm.push_to_buffer(*message)
         return True
 
-    def screen(self, results: list[np.ndarray], rows: np.ndarray, step: int, what: str) -> list[int]:
-        """Indices of non-finite results; with --on-nonfinite stop, the first one ends the run."""
+    def screen(self, results: list[np.ndarray], shards, step: int, what: str) -> list[int]:
+        """Indices of non-finite results (of the workers `shards`); with --on-nonfinite stop,
+        the first one ends the run."""
         bad = [i for i, r in enumerate(results) if not finite(r)]
         if bad and self.cfg.on_nonfinite == "stop":
-            workers = ", ".join(f"worker {int(rows[i]['shard']) + 1}" for i in bad)
+            workers = ", ".join(f"worker {int(shards[i]) + 1}" for i in bad)
             raise NonFinite(f"non-finite {what} (NaN or inf) from {workers} at step {step}; the parent is kept "
                             "from before it (lower --lr, or --on-nonfinite skip)")
         return bad
@@ -100,8 +140,9 @@ class Messenger:
     def fetch(self, keys: list[str]) -> list[np.ndarray]:
         return [from_wire(a, self.cfg.wire_dtype) for a in self.store.get_many(keys)]
 
-    def gather(self, fetch: bool, evict: bool) -> Gathered | None:
-        """One row from every simulator; with `fetch`, each result as soon as its row arrives.
+    def gather(self, fetch: bool, evict: bool, version: int | None = None) -> Gathered | None:
+        """One row from every simulator (of `version`, if given: later rows are kept for later);
+        with `fetch`, each result as soon as its row arrives.
 
         Fetching while slower workers still compute takes most of the transfer off the
         step's critical path. Rows and results come back in shard order, so the math runs
@@ -110,12 +151,18 @@ class Messenger:
         rows: dict[int, np.void] = {}
         results: dict[int, np.ndarray] = {}
         wait_s = fetch_s = 0.0
+        held, self._early = self._early, []  # rows kept from before are looked at first, once
+        later: list[np.ndarray] = []
         while len(rows) < self.n:
             t0 = time.perf_counter()
-            calc_in = self.receive()
+            calc_in = held.pop(0) if held else self.receive()
             if calc_in is None:
                 return None
             t1 = time.perf_counter()
+            if version is not None and (calc_in["version"] != version).any():
+                # A streaming worker may report its next step before a slower one reports this one.
+                later.append(calc_in[calc_in["version"] != version])
+                calc_in = calc_in[calc_in["version"] == version]
             for row in calc_in:
                 shard = int(row["shard"])
                 if shard in rows or not 0 <= shard < self.n:
@@ -129,5 +176,6 @@ class Messenger:
                 self.store.evict(keys)
             wait_s += t1 - t0
             fetch_s += time.perf_counter() - t1
+        self._early = held + later + self._early
         ordered = np.array([rows[s] for s in range(self.n)], dtype=calc_in.dtype)
         return Gathered(ordered, [results[s] for s in range(self.n)] if fetch else None, wait_s, fetch_s)

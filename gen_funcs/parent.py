@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from libe_cnn.buckets import Bucket, bucket_layout, forward_order
 from libe_cnn.config import TrainConfig
 from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters, host_array, push_host_array
 from libe_cnn.rundir import save_state_dict
+from libe_cnn.runtime import all_cores
 from libe_cnn.strategies.base import reduce_in_order
 from libe_cnn.wire import to_wire
 from mnist.model import build_model, evaluate, make_optimizer
@@ -29,7 +34,14 @@ class ParentModel:
         # works on host copies, pushed to the device afterwards.
         self.host_grad = self.flat_grad.numpy() if on_cpu else np.empty(self.flat_grad.numel(), np.float32)
         self.host_params = host_array(self.flat_params)
+        # The whole model's optimizer holds the state (checkpoints save it); how the parameters
+        # travel: in buckets where the strategy streams them (sync), else whole.
         self.optimizer = make_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr)
+        self.buckets = bucket_layout(self.model, (cfg.bucket_mb or math.inf) * 2**20)
+        params = list(self.model.parameters())
+        self._bucket_optimizers = [make_optimizer(cfg.optimizer, [params[i] for i in b.params], cfg.lr)
+                                   for b in self.buckets]
+        self._share_optimizer_state()
         self.version = 0  # changes of the parameters so far: tells whether a saved state is current
 
     def params_for_wire(self) -> np.ndarray:
@@ -38,10 +50,46 @@ class ParentModel:
     def apply(self, grads: list[np.ndarray], mode: str) -> None:
         """Reduce float32 gradients (in the given order) and take one optimizer step."""
         reduce_in_order(grads, self.host_grad, mode)
+        self.step()
+
+    def reduce_bucket(self, bucket: Bucket, grads: list[np.ndarray], mode: str) -> bool:
+        """Reduce one bucket of float32 gradients (in the given order) into the parent's gradient;
+        returns whether the result is finite.
+
+        The math is elementwise: bucket by bucket it gives the same bits as `apply`'s whole buffer.
+        """
+        out = reduce_in_order(grads, self.host_grad[bucket.start : bucket.stop], mode)
+        # One pass: a NaN or inf anywhere makes the sum NaN or inf (so may an overflow: the caller checks).
+        return bool(np.isfinite(out.sum()))
+
+    def step(self) -> None:
+        """One optimizer step on the reduced gradient."""
         if self.device.type != "cpu":
             copy_into(self.flat_grad, self.host_grad)
         self.optimizer.step()
         self.version += 1
+
+    def step_by_bucket(self, stepped: Callable[[Bucket], None]) -> None:
+        """One optimizer step taken bucket by bucket, the first layers' first, handing each
+        bucket to `stepped` (to publish it) before stepping the next.
+
+        Adam, Adadelta and SGD with momentum are elementwise: stepping bucket by bucket gives
+        the same bits as one step of the whole model.
+        """
+        self.version += 1  # from here on the parent is no longer the one of the last version
+        for bucket in forward_order(self.buckets):
+            if self.device.type != "cpu":
+                copy_into(self.flat_grad[bucket.start : bucket.stop], self.host_grad[bucket.start : bucket.stop])
+            self._bucket_optimizers[bucket.index].step()
+            stepped(bucket)
+
+    def _share_optimizer_state(self) -> None:
+        # Each bucket's optimizer steps its own parameters in the state of the whole model's.
+        for optimizer in self._bucket_optimizers:
+            optimizer.state = self.optimizer.state
+
+    def bucket_for_wire(self, bucket: Bucket) -> np.ndarray:
+        return to_wire(self.flat_params[bucket.start : bucket.stop], self.cfg.wire_dtype)
 
     def host_params_changed(self) -> None:
         """Push host_params, just changed by the aggregation math, into the model."""
@@ -49,7 +97,9 @@ class ParentModel:
         self.version += 1
 
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-        return evaluate(self.model, images, labels)
+        # The simulators soon wait for the generator to finish an evaluation: it may use every core.
+        with all_cores():
+            return evaluate(self.model, images, labels)
 
     def save(self, path: Path) -> None:
         save_state_dict(path, self.model)
@@ -59,3 +109,4 @@ class ParentModel:
         self.model.load_state_dict(checkpoint["parent"])
         if checkpoint["optimizer"] is not None:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self._share_optimizer_state()

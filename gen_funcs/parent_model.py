@@ -25,7 +25,7 @@ from gen_funcs.records import LoopState, Recorder
 from libe_cnn.checkpoint import load_checkpoint
 from libe_cnn.liveness import LivenessCheck
 from libe_cnn.plan import RunPlan, plan_from_user, resume_key
-from libe_cnn.runtime import available_cores, gpu_count, lower_manager_loop_priority, select_device, set_threads
+from libe_cnn.runtime import gpu_count, lower_manager_loop_priority, select_device, set_threads
 from libe_cnn.store import TensorStore
 from libe_cnn.strategies.base import Periodic
 from mnist.data import load_split
@@ -43,8 +43,9 @@ class GenRun:
         cfg = plan.config
         self.plan, self.cfg, self.n, self.strategy = plan, cfg, cfg.n_workers, plan.strategy
         self.total_steps = plan.recorded_steps
-        # The manager computes only while the simulators wait for it, so it may use all cores.
-        set_threads(available_cores())
+        # The generator works while the simulators compute (one thread: a team of threads would stall
+        # on every core the simulators hold); only its evaluations use every core.
+        set_threads(1)
         lower_manager_loop_priority()
         self.parent = ParentModel(cfg, torch.device(select_device(cfg.gen_device, 0, gpu_count())))
         self.store = TensorStore(plan.redis, cfg.run_id)
@@ -112,7 +113,7 @@ class GenRun:
             sent = [str(k) for k in got.rows["result_key"]] if strategy.keeps_results() else []
             t2 = time.perf_counter()
             if got.results is not None:
-                self.screen(got.results, got.rows, end, "parameters")
+                self.screen(got.results, got.rows["shard"], end, "parameters")
                 strategy.combine(cfg, parent.host_params, got.results)
                 parent.host_params_changed()
             t3 = time.perf_counter()

@@ -86,8 +86,12 @@ class Recorder:
         s = self.state
         record = {"step": s.step, "epoch": s.epoch, "loss": s.loss, "samples": s.samples,
                   "wall_s": time.perf_counter() - self.start, **fields}
-        record.update({f"sim_{name}": float(rows[name].mean()) for name in ("load_s", "compute_s", "put_s", "wait_s")})
-        record.update(manager_rss_mb=rss_mb(), sim_rss_mb=float(rows["rss_mb"].max()))
+        # The generator's work that the workers wait for: all of it, unless the strategy streams (sync).
+        record.setdefault("exposed_s", record["fetch_s"] + record["update_s"] + record["publish_s"])
+        # (No rows: the run was stopped before the workers reported a step it had taken.)
+        record.update({f"sim_{name}": float(rows[name].mean()) if len(rows) else 0.0
+                       for name in ("load_s", "compute_s", "put_s", "wait_s", "exchange_s")})
+        record.update(manager_rss_mb=rss_mb(), sim_rss_mb=float(rows["rss_mb"].max()) if len(rows) else 0.0)
         self.metrics.write(**record)
         self.last_record = record
         self.stats.step(record)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 
 # Per-step durations averaged into the summary (seconds); see metrics.jsonl for each step.
-BREAKDOWN = ("gen_wait_s", "fetch_s", "update_s", "publish_s",
-             "sim_load_s", "sim_compute_s", "sim_put_s", "sim_wait_s")
+BREAKDOWN = ("gen_wait_s", "fetch_s", "update_s", "publish_s", "exposed_s",
+             "sim_load_s", "sim_compute_s", "sim_put_s", "sim_wait_s", "sim_exchange_s")
 
 
 class RunStats:

@@ -64,6 +64,7 @@ class TrainConfig:
     strategy: str = strategies.DEFAULT
     # The strategies' own options; None: not given (the chosen strategy's defaults fill its own).
     reduce: str | None = None
+    bucket_mb: float | None = None
     sync_period: int | None = None
     mix_lambda: float | None = None
     elastic_alpha: float | None = None  # its default depends on N, resolved where it is used
@@ -266,7 +267,7 @@ def parse_redis_url(url: str) -> tuple[str, int, str | None]:
 # What may differ when a run is resumed: how long it trains, how often it reports, and
 # where it runs. Everything else would make the resumed run a different experiment.
 RESUME_OPTIONS = ("--epochs", "--max-steps", "--eval-every", "--limit-test", "--checkpoint-every", "--on-nonfinite",
-                  "--device", "--gen-device", "--comms", "--redis-host", "--redis-port", "--redis-bind",
+                  "--bucket-mb", "--device", "--gen-device", "--comms", "--redis-host", "--redis-port", "--redis-bind",
                   "--redis-password")
 
 

@@ -29,10 +29,11 @@ SIM_OUT = [
     ("n_samples", int),
     ("shard", int),
     # Where a simulator's step time goes, in seconds:
-    ("load_s", float),  # fetch the parameters and copy them into the model
+    ("load_s", float),  # fetch the parameters and copy them into the model (streamed: forward waiting for them)
     ("compute_s", float),  # forward + backward
-    ("put_s", float),  # put the gradient
-    ("wait_s", float),  # blocked until the previous step's parameters arrived
+    ("put_s", float),  # put the gradient (streamed: waiting for its last buckets to be put)
+    ("wait_s", float),  # blocked until the generator's next row arrived
+    ("exchange_s", float),  # streamed (sync): store traffic in the worker's background threads
     ("rss_mb", float),  # the simulator's resident memory
 ]
 

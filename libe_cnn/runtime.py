@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -32,6 +33,17 @@ def set_threads(n: int) -> None:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # can only be set once, before any parallel work
         pass
+
+
+@contextlib.contextmanager
+def all_cores():
+    """Compute with every core for a while (then with the threads set before)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(available_cores())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def select_device(requested: str, local_rank: int, gpu_count: int) -> str:

@@ -155,7 +155,8 @@ class TensorStore:
     """Puts and gets flat numpy buffers by string key, for libEnsemble rows to carry.
 
     One key at a time goes through ProxyStore's Store; several at once, to the connector's
-    MGET and DEL (see the module docstring for why).
+    MGET and DEL (see the module docstring for why). Queues of short tokens (Redis lists)
+    tell a process that a named buffer is there, without polling for it.
     """
 
     def __init__(self, address: RedisAddress, run_id: str) -> None:
@@ -201,6 +202,18 @@ class TensorStore:
             self._store.evict(RunKey(keys[0]))
         else:
             self._connector.evict_batch([RunKey(k) for k in keys])
+
+    def notify(self, queues: Sequence[str], token: str) -> None:
+        """Append `token` to each of the run's named queues (Redis lists), in one round trip."""
+        with self._connector._client.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.rpush(self.key(queue), token)
+            pipe.execute()
+
+    def next_token(self, queue: str, timeout: float) -> str | None:
+        """The oldest token of a named queue, waiting up to `timeout` seconds for one (None: none came)."""
+        popped = self._connector._client.blpop([self.key(queue)], timeout=timeout)
+        return None if popped is None else popped[1].decode()
 
     def close(self) -> None:
         self._store.close()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import signal
 import time
+from collections import deque
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from libensemble.message_numbers import EVAL_SIM_TAG, FINISHED_PERSISTENT_SIM_TAG, PERSIS_STOP, STOP_TAG
 from libensemble.tools.persistent_support import PersistentSupport
 
+from libe_cnn.buckets import bucket_layout
 from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters, host_array, push_host_array
 from libe_cnn.liveness import Heartbeat
 from libe_cnn.plan import RunPlan, plan_from_user, resume_key
@@ -31,6 +34,7 @@ from libe_cnn.runtime import (
     threads_per_worker,
 )
 from libe_cnn.store import TensorStore
+from libe_cnn.stream import GradientSender, ParameterLoader, Stopped, StreamedModel
 from libe_cnn.wire import from_wire, to_wire
 from mnist.data import BatchOrder, dropout_seed, load_shard
 from mnist.model import MODELS, load_optimizer_state_vector, make_optimizer, optimizer_state_vector
@@ -60,15 +64,19 @@ class ChildWorker:
         pos = torch.from_numpy(self.batches.positions(step)).to(self.device)
         return self.images[pos], self.labels[pos]
 
-    def gradient(self, x: torch.Tensor, y: torch.Tensor, t: int) -> float:
+    def gradient(self, x: torch.Tensor, y: torch.Tensor, t: int,
+                 before_backward: Callable[[float], None] | None = None) -> float:
         """Forward and backward once on batch number `t`; the gradient lands in flat_grad."""
         # Dropout masks are drawn from (seed, worker, batch): they differ between workers, and
         # a resumed run draws the same ones as an uninterrupted run.
         torch.manual_seed(dropout_seed(self.cfg.seed, self.shard, t))
         self.flat_grad.zero_()
         loss = F.nll_loss(self.model(x), y)
+        value = loss.item()
+        if before_backward is not None:
+            before_backward(value)
         loss.backward()
-        return loss.item()
+        return value
 
     def load_params(self, key: str) -> np.ndarray:
         """Fetch parameters from the store as float32 (read-only, host memory)."""
@@ -127,6 +135,54 @@ class ChildWorker:
                 return
             row = calc_in[0]
 
+    def streamed_gradient_loop(self, ps: PersistentSupport, row: np.void, out_dtype) -> None:
+        """sync: parameters arrive bucket by bucket during forward, the gradient leaves bucket
+        by bucket during backward (libe_cnn/stream.py); a row per step reports the timings.
+
+        The worker never waits on libEnsemble: the generator sends each step's rows ahead, and
+        the worker takes one only when it reports a step, by which time it is there. (The
+        manager may hand out the rows of two steps in either order; the result says its step.)
+        """
+        cfg = self.cfg
+        buckets = bucket_layout(self.model, cfg.bucket_mb * 2**20)
+        loader = ParameterLoader(TensorStore(self.plan.redis, cfg.run_id), self.shard, buckets, self.flat_params,
+                                 cfg.wire_dtype)
+        sender = GradientSender(TensorStore(self.plan.redis, cfg.run_id), self.shard, buckets, self.flat_grad,
+                                cfg.wire_dtype)
+        inbox = Inbox(ps, row)
+        stream = StreamedModel(self.model, buckets, loader, sender, inbox.stopped)
+        t = self.first_batch
+        try:
+            while t < self.plan.total_steps:
+                t0 = time.perf_counter()
+                stream.begin(t)
+                x, y = self.batch(t)
+                busy, load_wait = sender.busy_s + loader.busy_s, stream.load_wait_s
+                t1 = time.perf_counter()
+                try:
+                    loss = self.gradient(x, y, t, stream.before_backward)
+                except Stopped:
+                    return
+                t2 = time.perf_counter()
+                sender.flush()
+                t3 = time.perf_counter()
+                row = inbox.next_row()
+                t4 = time.perf_counter()
+                if row is None:
+                    return
+                waited = stream.load_wait_s - load_wait
+                out = self.result_row(out_dtype, "", t, loss, len(y),
+                                      (t1 - t0 + waited, t2 - t1 - waited, t3 - t2, t4 - t3))
+                out["exchange_s"] = sender.busy_s + loader.busy_s - busy
+                ps.send(out)
+                t += 1
+            inbox.next_row()  # the generator is done: this is the manager's stop
+        finally:
+            loader.close()
+            sender.close()
+            loader.store.close()
+            sender.store.close()
+
     def local_rounds(self, ps: PersistentSupport, row: np.void, out_dtype, strategy) -> None:
         """Periodic strategies: K optimizer steps alone, then one exchange, as the strategy says."""
         cfg = self.cfg
@@ -168,6 +224,34 @@ class ChildWorker:
             if tag in (STOP_TAG, PERSIS_STOP):
                 return
             row = calc_in[0]
+
+
+class Inbox:
+    """A streaming simulator's messages from the manager: its rows, one per step, and the stop."""
+
+    def __init__(self, ps: PersistentSupport, first_row: np.void) -> None:
+        self.ps = ps
+        self.rows: deque[np.void] = deque([first_row])
+        self._stopped = False
+
+    def stopped(self) -> bool:
+        """Whether the manager has stopped this simulator; rows that came meanwhile are kept."""
+        while not self._stopped and self.ps.comm.mail_flag():
+            self._receive()
+        return self._stopped
+
+    def next_row(self) -> np.void | None:
+        """The next row (waiting for it if it has not come yet); None once stopped."""
+        while not self.rows and not self._stopped:
+            self._receive()
+        return self.rows.popleft() if self.rows else None
+
+    def _receive(self) -> None:
+        tag, _, calc_in = self.ps.recv()
+        if tag in (STOP_TAG, PERSIS_STOP):
+            self._stopped = True
+        else:
+            self.rows.append(calc_in[0])
 
 
 def child_trainer_sim(H, persis_info, sim_specs, libE_info):

@@ -29,10 +29,12 @@ libensemble.comms.comms.Timeout and `push_to_buffer` / `mail_flag` behave as QCo
 Threads, not processes, so a few things that are per process in a real run are guarded:
 
   * One thread computes at a time (a "turn" lock, released only while a thread waits for a
-    message). Torch's random generator is per process, and the user functions seed it and
-    draw from it (initial weights, dropout masks); taking turns keeps every draw where a
-    real run makes it, so a run is as reproducible as with processes (sync and the periodic
-    strategies bit for bit; in async the order of arrival varies, as it does with processes).
+    message, or for the streamed exchange: libe_cnn.stream.blocking). Torch's random generator
+    is per process, and the user functions seed it and draw from it (initial weights, dropout
+    masks); taking turns keeps every draw where a real run makes it, so a run is as
+    reproducible as with processes (sync and the periodic strategies bit for bit; in async the
+    order of arrival varies, as it does with processes). A thread that waits in the middle of
+    its forward (for a parameter bucket) gets its random state back when its turn returns.
   * `signal.signal` is a no-op outside the main thread (the simulators ignore SIGINT), and
     `os.setpriority` is not called (the generator lowers the manager thread's priority:
     here that would be pytest's main thread, for the rest of the session).
@@ -369,15 +371,21 @@ class FakeEnsemble:
 
     def run(self) -> list[Outcome]:
         """Run to the end; re-raises the first failure. Returns every function's outcome."""
+        from libe_cnn import stream
+
         deadline = time.monotonic() + self.timeout
-        with thread_safe_process_state():
-            self._start(0, self.gen_f, np.zeros(0, dtype=self.gen_out), self.gen_specs, np.arange(0))
-            try:
-                self._loop(deadline)
-            except BaseException:  # Ctrl-C, or a bug here: wake every thread so none is left waiting
-                for comm in self.comms.values():
-                    comm.abort()
-                raise
+        real_blocking, stream.blocking = stream.blocking, self._blocking
+        try:
+            with thread_safe_process_state():
+                self._start(0, self.gen_f, np.zeros(0, dtype=self.gen_out), self.gen_specs, np.arange(0))
+                try:
+                    self._loop(deadline)
+                except BaseException:  # Ctrl-C, or a bug here: wake every thread so none is left waiting
+                    for comm in self.comms.values():
+                        comm.abort()
+                    raise
+        finally:
+            stream.blocking = real_blocking
         failure = self.failure
         errors = [o for o in self.outcomes.values() if o.error is not None and not isinstance(o.error, HarnessAbort)]
         if failure is not None:
@@ -388,6 +396,19 @@ class FakeEnsemble:
                     first.add_note(f"also, in {_who(other.worker_id)}:\n{other.traceback}")
             raise first
         return list(self.outcomes.values())
+
+    def _blocking(self, wait):
+        """libe_cnn.stream.blocking here: the others take their turn while this thread waits,
+        and it gets its own random state back afterwards (torch's is the process's)."""
+        import torch
+
+        rng = torch.get_rng_state()
+        self.turn.release()
+        try:
+            return wait()
+        finally:
+            self.turn.acquire()
+            torch.set_rng_state(rng)
 
     def _loop(self, deadline: float) -> None:
         """Route messages until every function has returned; the first failure goes to self.failure."""

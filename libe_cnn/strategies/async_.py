@@ -72,7 +72,7 @@ class Async(Strategy):
             grads = run.fetch(keys)
             run.store.evict(keys)
             t2 = time.perf_counter()
-            bad = run.screen(grads, rows, state.step + 1, "gradient")
+            bad = run.screen(grads, rows["shard"], state.step + 1, "gradient")
             records = []
             for i, (row, grad) in enumerate(zip(rows, grads)):
                 staleness = c.version - int(row["version"])

@@ -167,8 +167,11 @@ def reduce_in_order(buffers, out: np.ndarray, mode: str = "sum") -> np.ndarray:
     for b in buffers:
         if b.shape != out.shape:
             raise ValueError(f"buffer of shape {b.shape} does not match {out.shape}")
-    np.copyto(out, buffers[0])
-    for b in buffers[1:]:
+    if len(buffers) == 1:
+        np.copyto(out, buffers[0])
+    else:  # the first addition reads both buffers: one pass fewer than copying the first
+        np.add(buffers[0], buffers[1], out=out)
+    for b in buffers[2:]:
         np.add(out, b, out=out)
     if mode == "mean":
         out *= np.float32(1.0 / len(buffers))
