@@ -64,6 +64,10 @@ def markdown(result: dict) -> str:
     lines += [f"Per step ({step_ms:.1f} ms), mean over the measured steps:", "",
               "| part | ms |", "| --- | ---: |"]
     lines += [f"| {k.removesuffix('_s')} | {v:.1f} |" for k, v in o["breakdown_ms"].items()]
+    b = o["breakdown_ms"]
+    lines += ["", f"The exchange beside the compute: the workers' store traffic took {b['sim_exchange_s']:.1f} ms "
+              f"per step in their background threads, of which they waited {b['sim_load_s'] + b['sim_put_s']:.1f} ms "
+              f"(load + put); the generator's work the workers waited for (exposed) {b['exposed_s']:.1f} ms."]
     lines += ["", f"Store traffic and generator work (fetch + update + publish): {comm_ms:.1f} ms "
               f"= {100 * comm_ms / step_ms:.1f}% of the step; "
               f"bytes through Redis per step: {o['store_bytes_per_step'] / 1e6:.1f} MB; "
