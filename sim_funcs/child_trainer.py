@@ -1,8 +1,9 @@
 """The child trainer: a persistent libEnsemble simulator that owns one shard of the data.
 
-It runs the chosen strategy's worker loop (libe_cnn/strategies): with the gradient
-strategies each message names parameters to load, and the worker sends back one gradient
-of its next batch (`gradient_loop`); with the periodic ones it takes K local optimizer steps
+It runs the chosen strategy's worker loop (libe_cnn/strategies): sync streams parameters in
+and the gradient out bucket by bucket (`streamed_gradient_loop`); with async each message
+names parameters to load, and the worker sends back one gradient of its next batch
+(`gradient_loop`); with the periodic ones it takes K local optimizer steps
 of its own, sends back its parameters and applies what the strategy makes of the
 generator's answer (`local_rounds`).
 """

@@ -173,8 +173,11 @@ def test_summary_reports_steady_throughput_breakdown_and_traffic(run):
     assert all(round(e["test_accuracy"] * 120, 6).is_integer() for e in evals)
     assert summary["steady_samples_per_s"] > summary["samples_per_s"] > 0  # start-up and evaluation excluded
     parts = summary["breakdown_s"]
-    assert set(parts) >= {"fetch_s", "update_s", "publish_s", "sim_compute_s", "sim_load_s", "sim_put_s"}
+    assert set(parts) >= {"fetch_s", "update_s", "publish_s", "exposed_s", "sim_compute_s", "sim_load_s",
+                          "sim_put_s", "sim_exchange_s"}
     assert all(v >= 0 for v in parts.values()) and parts["sim_compute_s"] > 0
+    # Streamed: the store traffic ran in the simulators' background threads.
+    assert parts["sim_exchange_s"] > 0
     # Each step N gradients go in and out, one parameter copy in and N out: 7 x 4.8 MB at N=2.
     assert 7 * 4.7e6 < summary["store_bytes_per_step"] < 7 * 5.0e6
     assert summary["peak_manager_rss_mb"] > 0 and summary["peak_sim_rss_mb"] > 0
