@@ -108,11 +108,13 @@ class Messenger:
         """
         silent_since = time.perf_counter()
         while True:
+            # Looked at before every token, not only when none comes: the workers keep sending
+            # while the manager stops the run (Ctrl-C, an exit criterion).
+            if self.stopped():
+                return None
             token = stream.blocking(lambda: self.store.next_token(queue, stream.POLL_S))
             if token is not None:
                 return token
-            if self.stopped():
-                return None
             if time.perf_counter() - silent_since >= LIVENESS_CHECK_S:
                 self.check_liveness()
                 silent_since = time.perf_counter()

@@ -51,7 +51,7 @@ class PrivateRedis:
         self.bind = bind
         self.port = port  # None: a free one
         self.startup_timeout = startup_timeout
-        self.password = secrets.token_urlsafe(24)
+        self.password = secrets.token_hex(24)  # never starts with '-', which a command line would take for an option
         self.process: subprocess.Popen | None = None
         self.address: RedisAddress | None = None
         self._workdir: tempfile.TemporaryDirectory | None = None

@@ -499,7 +499,7 @@ def _who(worker_id: int) -> str:
 
 def redis_options(redis_address) -> list[str]:
     """The options that point a run at the test session's Redis server."""
-    password = ["--redis-password", redis_address.password] if redis_address.password else []
+    password = [f"--redis-password={redis_address.password}"] if redis_address.password else []
     return ["--redis-host", redis_address.host, "--redis-port", str(redis_address.port), *password]
 
 
