@@ -40,8 +40,11 @@ def test_a_run_interrupted_with_ctrl_c_and_resumed_ends_bit_for_bit_where_an_uni
     assert result.returncode == 0, result.stderr[-3000:]
 
     servers_before = redis_servers()
+    # As a terminal's foreground job: SIGINT at its default, even if this suite runs in the
+    # background of a shell (which starts its jobs with SIGINT ignored).
     proc = subprocess.Popen([sys.executable, "run_libe_cnn.py", *options, "--run-dir", str(stopped)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not ((stopped / "metrics.jsonl").exists() and len(step_records(stopped)) >= 6):
         assert proc.poll() is None, proc.communicate()[1][-3000:]

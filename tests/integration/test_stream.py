@@ -101,7 +101,8 @@ def generator(redis_address, run_id, tmp_path, n, on_nonfinite):
     cfg = TrainConfig(run_dir=str(tmp_path), dataset="iris", n_workers=n, on_nonfinite=on_nonfinite,
                       bucket_mb=1e-7)
     store = TensorStore(redis_address, run_id)
-    messages = Messenger(cfg, None, store, None, GEN_OUT)
+    no_mail = types.SimpleNamespace(comm=types.SimpleNamespace(mail_flag=lambda: False))  # nobody stops it
+    messages = Messenger(cfg, no_mail, store, None, GEN_OUT)
     parent = ParentModel(cfg, torch.device("cpu"))
     return types.SimpleNamespace(n=n, cfg=cfg, parent=parent, store=store, messages=messages,
                                  fetch=messages.fetch, screen=messages.screen)
