@@ -54,31 +54,34 @@ def resume_point(plan) -> tuple[int, tuple[int, ...]]:
 
 
 def connect_redis(cfg: TrainConfig, stack: ExitStack):
-    """The run's Redis: the given server (left running) or a private one (stopped at exit)."""
+    """The run's Redis servers: the given one (left running) or private ones (stopped at exit)."""
     import redis
 
     from libe_cnn.redis_server import PrivateRedis
     from libe_cnn.store import RedisAddress
 
     if cfg.redis_host is None:
-        address = stack.enter_context(PrivateRedis(cfg.redis_bind or "127.0.0.1", cfg.redis_port))
-    else:
-        address = RedisAddress(cfg.redis_host, cfg.redis_port, cfg.redis_password)
-        try:
-            with address.client(socket_connect_timeout=5) as client:
-                client.ping()
-        except redis.AuthenticationError:
-            raise UserError(f"Redis at {cfg.redis_host}:{cfg.redis_port} refused the password "
-                            "(check --redis-password or REDIS_URL)") from None
-        except redis.ResponseError as e:
-            raise UserError(f"Redis at {cfg.redis_host}:{cfg.redis_port}: {e} "
-                            "(set --redis-password or REDIS_URL)") from None
-        except redis.ConnectionError:
-            raise UserError(f"cannot reach Redis at {cfg.redis_host}:{cfg.redis_port}: "
-                            "start it, or omit --redis-host to use a private server") from None
+        addresses = [stack.enter_context(PrivateRedis(cfg.redis_bind or "127.0.0.1", cfg.redis_port))
+                     for _ in range(cfg.redis_servers)]
+        for address in addresses:  # a private server that is gone took the keys with it
+            stack.callback(_delete_keys_or_warn, address, cfg.run_id, True)
+        return addresses[0], tuple(addresses[1:])
+    address = RedisAddress(cfg.redis_host, cfg.redis_port, cfg.redis_password)
+    try:
+        with address.client(socket_connect_timeout=5) as client:
+            client.ping()
+    except redis.AuthenticationError:
+        raise UserError(f"Redis at {cfg.redis_host}:{cfg.redis_port} refused the password "
+                        "(check --redis-password or REDIS_URL)") from None
+    except redis.ResponseError as e:
+        raise UserError(f"Redis at {cfg.redis_host}:{cfg.redis_port}: {e} "
+                        "(set --redis-password or REDIS_URL)") from None
+    except redis.ConnectionError:
+        raise UserError(f"cannot reach Redis at {cfg.redis_host}:{cfg.redis_port}: "
+                        "start it, or omit --redis-host to use a private server") from None
     # Whatever happens, the run leaves none of its keys behind.
-    stack.callback(_delete_keys_or_warn, address, cfg.run_id, cfg.redis_host is None)
-    return address
+    stack.callback(_delete_keys_or_warn, address, cfg.run_id, False)
+    return address, ()
 
 
 def _delete_keys_or_warn(address, run_id: str, private: bool) -> None:
@@ -151,7 +154,8 @@ def prepare(cfg: TrainConfig, stack: ExitStack):
         step, positions = resume_point(plan)
         plan = dataclasses.replace(plan, resume_positions=positions)
         start = f"resuming after step {step}, "
-    plan = dataclasses.replace(plan, redis=connect_redis(cfg, stack))
+    primary, more = connect_redis(cfg, stack)
+    plan = dataclasses.replace(plan, redis=primary, more_redis=more)
     run_dir = Path(cfg.run_dir)
     if not cfg.resume:
         prepare_run_dir(run_dir)

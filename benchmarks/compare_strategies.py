@@ -109,8 +109,8 @@ def report(data: Path) -> str:
     title = (f"Fashion-MNIST, N={args['n']} workers x {args['batch_size']}, adam 1e-3, "
              f"{budget} samples ({args['epochs']} epoch{'s' if args['epochs'] > 1 else ''})")
     lines = [title + "; the other options at their defaults (sync-period 4, mix-lambda 0.5, "
-             "elastic-alpha 0.9/N, random gossip pairs, no staleness limit). Wall time and samples/s "
-             "include start-up and the evaluations.", "",
+             "elastic-alpha 0.9/N for easgd and 0.25 for elastic-gossip, random gossip pairs that always "
+             "exchange, no staleness limit). Wall time and samples/s include start-up and the evaluations.", "",
              "| strategy | final test accuracy | wall s | samples/s | store kB per sample | notes |",
              "| --- | ---: | ---: | ---: | ---: | --- |"]
     lines += [row(strategy, r["summary"]) for strategy, r in results.items()]

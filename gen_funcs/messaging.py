@@ -18,6 +18,7 @@ from libe_cnn.config import TrainConfig
 from libe_cnn.liveness import TTL_S, LivenessCheck
 from libe_cnn.plan import SIM_OUT
 from libe_cnn.store import TensorStore
+from libe_cnn.reduction import finite
 from libe_cnn.wire import from_wire
 
 # How long the generator waits for rows before it checks that every worker is alive.
@@ -34,11 +35,6 @@ class WorkerLost(RunAborted):
 
 class NonFinite(RunAborted):
     """A worker sent NaN or inf (--on-nonfinite stop)."""
-
-
-def finite(buffer: np.ndarray) -> bool:
-    # NaN propagates through min and max, and inf shows in one of them: two passes, no copy.
-    return bool(np.isfinite(buffer.min()) and np.isfinite(buffer.max()))
 
 
 @dataclass
@@ -101,20 +97,21 @@ class Messenger:
                 self._early.append(calc_in)
         return self._stop_seen
 
-    def next_token(self, queue: str) -> str | None:
-        """The next token of one of the run's queues in the store; None when the manager stops the run.
+    def next_tokens(self, queue: str) -> list[str] | None:
+        """The next tokens of one of the run's queues in the store (one, or all that are there);
+        None when the manager stops the run.
 
         Raises WorkerLost if a simulator goes silent meanwhile, rather than wait forever.
         """
         silent_since = time.perf_counter()
         while True:
-            # Looked at before every token, not only when none comes: the workers keep sending
+            # Looked at before every wait, not only when none comes: the workers keep sending
             # while the manager stops the run (Ctrl-C, an exit criterion).
             if self.stopped():
                 return None
-            token = stream.blocking(lambda: self.store.next_token(queue, stream.POLL_S))
-            if token is not None:
-                return token
+            tokens = stream.blocking(lambda: self.store.next_tokens(queue, stream.POLL_S))
+            if tokens:
+                return tokens
             if time.perf_counter() - silent_since >= LIVENESS_CHECK_S:
                 self.check_liveness()
                 silent_since = time.perf_counter()
@@ -133,11 +130,15 @@ class Messenger:
         """Indices of non-finite results (of the workers `shards`); with --on-nonfinite stop,
         the first one ends the run."""
         bad = [i for i, r in enumerate(results) if not finite(r)]
-        if bad and self.cfg.on_nonfinite == "stop":
-            workers = ", ".join(f"worker {int(shards[i]) + 1}" for i in bad)
-            raise NonFinite(f"non-finite {what} (NaN or inf) from {workers} at step {step}; the parent is kept "
-                            "from before it (lower --lr, or --on-nonfinite skip)")
+        self.nonfinite([int(shards[i]) for i in bad], step, what)
         return bad
+
+    def nonfinite(self, workers: list[int], step: int, what: str) -> None:
+        """With --on-nonfinite stop, workers found to have sent NaN or inf end the run."""
+        if workers and self.cfg.on_nonfinite == "stop":
+            named = ", ".join(f"worker {s + 1}" for s in workers)
+            raise NonFinite(f"non-finite {what} (NaN or inf) from {named} at step {step}; the parent is kept "
+                            "from before it (lower --lr, or --on-nonfinite skip)")
 
     def fetch(self, keys: list[str]) -> list[np.ndarray]:
         return [from_wire(a, self.cfg.wire_dtype) for a in self.store.get_many(keys)]

@@ -27,7 +27,7 @@ class Outcome:
         self.resumed = resumed
         self.first_step = resumed["step"] if resumed else 0
         self.resumed_at = [*resumed["resumed_at"], self.first_step] if resumed else []
-        self.traffic_at_start = server_traffic_bytes(plan.redis)
+        self.traffic_at_start = [server_traffic_bytes(a) for a in plan.servers]
         self.checkpointed_step: int | None = None
         # The state after the last step fully taken, kept for a run that fails before its next
         # checkpoint; with the parent's version it belongs to.
@@ -80,7 +80,8 @@ class Outcome:
         if recorder.last_eval is None or recorder.last_eval["step"] != s.step:
             recorder.evaluate()
         wall = time.perf_counter() - recorder.start
-        store_bytes = server_traffic_bytes(self.plan.redis) - self.traffic_at_start
+        per_server = [server_traffic_bytes(a) - b for a, b in zip(self.plan.servers, self.traffic_at_start)]
+        store_bytes = sum(per_server)
         # Traffic is counted since this process started: per step and sample of this part.
         steps_here = max(s.step - self.first_step, 1)
         samples_here = max(s.samples - (self.resumed["samples"] if self.resumed else 0), 1)
@@ -103,7 +104,9 @@ class Outcome:
             "dataset": cfg.dataset,
             "global_batch": cfg.n_workers * cfg.batch_size,
             "wire_dtype": cfg.wire_dtype,
-            "store_bytes_per_step": store_bytes / steps_here,
+            "store_bytes_per_step": store_bytes / steps_here,  # through all the run's servers
+            "busiest_server_bytes_per_step": max(per_server) / steps_here,
+            "redis_servers": len(per_server),
             "store_bytes_per_sample": store_bytes / samples_here,
             "resumed_at_steps": self.resumed_at,
             "data_files": self.plan.files.paths,

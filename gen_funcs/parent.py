@@ -15,7 +15,7 @@ from libe_cnn.config import TrainConfig
 from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters, host_array, push_host_array
 from libe_cnn.rundir import save_state_dict
 from libe_cnn.runtime import all_cores
-from libe_cnn.strategies.base import reduce_in_order
+from libe_cnn.reduction import reduce_in_order
 from libe_cnn.wire import to_wire
 from mnist.model import build_model, evaluate, make_optimizer
 
@@ -45,7 +45,11 @@ class ParentModel:
         self.version = 0  # changes of the parameters so far: tells whether a saved state is current
 
     def params_for_wire(self) -> np.ndarray:
-        return to_wire(self.flat_params, self.cfg.wire_dtype)
+        return self.slice_for_wire(0, self.flat_params.numel())
+
+    def slice_for_wire(self, start: int, stop: int) -> np.ndarray:
+        """Parameters [start, stop) of the flat buffer in the wire type (a bucket, or a chunk of one)."""
+        return to_wire(self.flat_params[start:stop], self.cfg.wire_dtype)
 
     def apply(self, grads: list[np.ndarray], mode: str) -> None:
         """Reduce float32 gradients (in the given order) and take one optimizer step."""
@@ -87,9 +91,6 @@ class ParentModel:
         # Each bucket's optimizer steps its own parameters in the state of the whole model's.
         for optimizer in self._bucket_optimizers:
             optimizer.state = self.optimizer.state
-
-    def bucket_for_wire(self, bucket: Bucket) -> np.ndarray:
-        return to_wire(self.flat_params[bucket.start : bucket.stop], self.cfg.wire_dtype)
 
     def host_params_changed(self) -> None:
         """Push host_params, just changed by the aggregation math, into the model."""

@@ -26,7 +26,7 @@ from libe_cnn.checkpoint import load_checkpoint
 from libe_cnn.liveness import LivenessCheck
 from libe_cnn.plan import RunPlan, plan_from_user, resume_key
 from libe_cnn.runtime import gpu_count, lower_manager_loop_priority, select_device, set_threads
-from libe_cnn.store import TensorStore
+from libe_cnn.store import ServerGroup, TensorStore
 from libe_cnn.strategies.base import Periodic
 from mnist.data import load_split
 
@@ -49,6 +49,7 @@ class GenRun:
         lower_manager_loop_priority()
         self.parent = ParentModel(cfg, torch.device(select_device(cfg.gen_device, 0, gpu_count())))
         self.store = TensorStore(plan.redis, cfg.run_id)
+        self.servers = ServerGroup(plan.servers, cfg.run_id, self.n)  # where the streamed exchange spreads its data
         self.liveness = LivenessCheck(plan.redis, cfg.run_id, self.n)
         self.messages = Messenger(cfg, PersistentSupport(libE_info, EVAL_GEN_TAG), self.store, self.liveness,
                                   gen_specs["out"])
@@ -148,6 +149,7 @@ class GenRun:
     def close(self) -> None:
         self.recorder.close()
         self.store.close()
+        self.servers.close()
         self.liveness.close()
 
 

@@ -7,6 +7,9 @@ from collections import defaultdict
 # Per-step durations averaged into the summary (seconds); see metrics.jsonl for each step.
 BREAKDOWN = ("gen_wait_s", "fetch_s", "update_s", "publish_s", "exposed_s",
              "sim_load_s", "sim_compute_s", "sim_put_s", "sim_wait_s", "sim_exchange_s")
+# Measured by some strategies only (sync): the generator's CPU time in the step, its own work
+# whatever the other processes take of the cores meanwhile.
+OPTIONAL = ("gen_cpu_s",)
 
 
 class RunStats:
@@ -40,6 +43,9 @@ class RunStats:
         self.counted += 1
         for name in BREAKDOWN:
             self.sums[name] += record[name]
+        for name in OPTIONAL:
+            if name in record:
+                self.sums[name] += record[name]
 
     def summary(self) -> dict:
         if self.last is None:
@@ -49,7 +55,8 @@ class RunStats:
         return {
             "steady_samples_per_s": samples / elapsed if elapsed > 0 else None,
             "steady_step_s": elapsed / self.counted,
-            "breakdown_s": {name: self.sums[name] / self.counted for name in BREAKDOWN},
+            "breakdown_s": {name: self.sums[name] / self.counted for name in (*BREAKDOWN, *OPTIONAL)
+                            if name in self.sums or name in BREAKDOWN},
             "peak_manager_rss_mb": self.peak_manager_rss_mb,
             "peak_sim_rss_mb": self.peak_sim_rss_mb,
         }

@@ -38,6 +38,13 @@ def bucket_layout(model: nn.Module, cap_bytes: float) -> list[Bucket]:
     return buckets
 
 
+def chunk_bounds(bucket: Bucket, n: int) -> list[tuple[int, int]]:
+    """The bucket cut into `n` consecutive chunks of nearly equal size, as (start, stop) slices
+    of the flat buffers (a chunk is empty when the bucket has fewer than `n` elements)."""
+    length = bucket.stop - bucket.start
+    return [(bucket.start + c * length // n, bucket.start + (c + 1) * length // n) for c in range(n)]
+
+
 def forward_order(buckets: list[Bucket]) -> list[Bucket]:
     """The buckets in the order forward needs them (the first layers' first)."""
     return sorted(buckets, key=lambda b: b.start)

@@ -65,11 +65,13 @@ class TrainConfig:
     # The strategies' own options; None: not given (the chosen strategy's defaults fill its own).
     reduce: str | None = None
     bucket_mb: float | None = None
+    reduce_topology: str | None = None  # its default depends on N, resolved where it is used
     sync_period: int | None = None
     mix_lambda: float | None = None
-    elastic_alpha: float | None = None  # its default depends on N, resolved where it is used
+    elastic_alpha: float | None = None  # easgd's default depends on N, resolved where it is used
     max_staleness: int | None = None
     gossip_topology: str | None = None
+    agg_prob: float | None = None
     on_nonfinite: str = "stop"  # a NaN/inf result: stop the run, or (where the strategy can) skip it
     wire_dtype: str = "float32"  # element type of gradients and parameters in the store
     eval_every: int | None = None  # also evaluate every this many steps (always at epoch ends)
@@ -83,6 +85,7 @@ class TrainConfig:
     redis_port: int | None = None  # --redis-host's port (default 6379); the private server's (default: free)
     redis_bind: str | None = None  # the private server listens here (default 127.0.0.1)
     redis_password: str | None = field(default=None, repr=False)
+    redis_servers: int = 1  # private servers to start (one per node, as it were); workers' data is spread over them
     # --- output ---
     run_dir: str | None = None  # default runs/<timestamp>
     run_id: str = ""  # namespaces this run's store keys; generated when empty
@@ -121,6 +124,11 @@ class TrainConfig:
             "--comms mpi needs a Redis every rank can reach: --redis-bind ADDR (a private server on "
             "the first node) or --redis-host HOST",
         )
+        need(self.redis_servers >= 1, f"--redis-servers must be at least 1 (got {self.redis_servers})")
+        need(self.redis_servers == 1 or self.redis_host is None,
+             "--redis-servers starts private servers and --redis-host names one existing server: give only one")
+        need(self.redis_servers == 1 or self.redis_port is None,
+             "--redis-port fixes the port of one private server: with --redis-servers, leave the ports free")
         if self.redis_host is not None and self.redis_port is None:
             self.redis_port = 6379
         if not self.run_id:
@@ -136,11 +144,11 @@ class TrainConfig:
         need(self.strategy in STRATEGIES,
              f"--strategy must be one of {', '.join(STRATEGIES)} (got {self.strategy!r})")
         chosen = strategies.strategy(self.strategy)
-        for option in strategies.all_options().values():
-            value = getattr(self, option.name)
-            if option not in chosen.options:
-                need(value is None, f"{option.flag} does not apply to --strategy {self.strategy} "
-                                    f"(only to {', '.join(strategies.takers(option))})")
+        for field_option in strategies.all_options().values():
+            value, option = getattr(self, field_option.name), chosen.option(field_option.name)
+            if option is None:  # the chosen strategy takes no version of it
+                need(value is None, f"{field_option.flag} does not apply to --strategy {self.strategy} "
+                                    f"(only to {', '.join(strategies.takers(field_option))})")
                 continue
             if value is None:  # defaults that depend on N (easgd's alpha) stay None: N may still change
                 value = option.default
@@ -225,10 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strategy", choices=STRATEGIES, default=d["strategy"].default,
                    help="how workers combine their work (default: %(default)s)")
     for option in strategies.all_options().values():
-        default = option.default_text or option.default
         g.add_argument(option.flag, dest=option.name, type=option.type, choices=option.choices, default=None,
-                       metavar=option.metavar,
-                       help=f"{', '.join(strategies.takers(option))}: {option.help} (default: {default})")
+                       metavar=option.metavar, help=strategies.option_help(option))
     g.add_argument("--on-nonfinite", choices=ON_NONFINITE, default=d["on_nonfinite"].default,
                    help="a gradient or model with NaN/inf: stop, keeping the last good parent, or "
                         f"({', '.join(strategies.skipping_nonfinite())}) skip that worker's contribution and count it "
@@ -243,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 127.0.0.1); it always requires a password")
     g.add_argument("--redis-password", default=None,
                    help="password of --redis-host (prefer REDIS_URL or REDISCLI_AUTH: arguments are visible)")
+    g.add_argument("--redis-servers", type=int, default=d["redis_servers"].default, metavar="K",
+                   help="start K private servers and spread the workers' traffic over them, consecutive workers "
+                        "sharing one as the workers of a node would (default: %(default)s)")
 
     g = p.add_argument_group("output")
     g.add_argument("--run-dir", default=None, help="where to write the run (default: runs/<timestamp>)")
@@ -267,8 +276,13 @@ def parse_redis_url(url: str) -> tuple[str, int, str | None]:
 # What may differ when a run is resumed: how long it trains, how often it reports, and
 # where it runs. Everything else would make the resumed run a different experiment.
 RESUME_OPTIONS = ("--epochs", "--max-steps", "--eval-every", "--limit-test", "--checkpoint-every", "--on-nonfinite",
-                  "--bucket-mb", "--device", "--gen-device", "--comms", "--redis-host", "--redis-port", "--redis-bind",
-                  "--redis-password")
+                  "--bucket-mb", "--reduce-topology", "--device", "--gen-device", "--comms", "--redis-host",
+                  "--redis-port", "--redis-bind", "--redis-password", "--redis-servers")
+
+
+# Fields added after the first release, with the value that gives a run saved before them the
+# math it had (none of them changes it).
+ADDED_FIELDS = {"bucket_mb": None, "reduce_topology": None, "redis_servers": 1, "agg_prob": None}
 
 
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
@@ -307,7 +321,10 @@ def resumed_values(run_dir: str, given: dict) -> dict:
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         if not isinstance(values, dict):
             raise ValueError("not a JSON object")
-        # The tool saves every field: one missing or unknown means someone else's file.
+        # The tool saves every field: one missing or unknown means someone else's file, except
+        # fields added since a run may have been saved, which take their defaults.
+        for name in ADDED_FIELDS.keys() - values.keys():
+            values[name] = ADDED_FIELDS[name]
         if set(values) != known:
             odd = sorted(known ^ set(values))
             raise ValueError(f"fields missing or unknown: {', '.join(odd[:4])}{' ...' if len(odd) > 4 else ''}")

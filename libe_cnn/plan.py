@@ -34,6 +34,7 @@ SIM_OUT = [
     ("put_s", float),  # put the gradient (streamed: waiting for its last buckets to be put)
     ("wait_s", float),  # blocked until the generator's next row arrived
     ("exchange_s", float),  # streamed (sync): store traffic in the worker's background threads
+    ("nonfinite_from", KEY_DTYPE),  # ring-allreduce: the workers whose gradient was NaN or inf ("2,3")
     ("rss_mb", float),  # the simulator's resident memory
 ]
 
@@ -66,6 +67,13 @@ class RunPlan:
     total_steps: int
     # Resuming: each worker's next batch (from the checkpoint); None for a fresh start.
     resume_positions: tuple[int, ...] | None = None
+    # Store servers besides `redis` (--redis-servers): workers' data is spread over all of them;
+    # queues, heartbeats and the generator's own keys stay on `redis`.
+    more_redis: tuple[RedisAddress, ...] = ()
+
+    @property
+    def servers(self) -> tuple[RedisAddress, ...]:
+        return (self.redis, *self.more_redis)
 
     @property
     def strategy(self) -> Strategy:
@@ -121,4 +129,5 @@ def plan_from_user(user: dict) -> RunPlan:
         steps_per_epoch=plan["steps_per_epoch"],
         total_steps=plan["total_steps"],
         resume_positions=plan["resume_positions"] and tuple(plan["resume_positions"]),
+        more_redis=tuple(RedisAddress(**a) for a in plan["more_redis"]),
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import redis
@@ -27,6 +27,8 @@ from proxystore.serialize import SerializationError
 from proxystore.store import Store
 
 from libe_cnn import codec
+
+T = TypeVar("T")
 
 # A 4.8 MB GET took ~11.8 ms with redis-py's default 64 KiB read size and ~2.9 ms with 1 MiB.
 SOCKET_READ_SIZE = 1 << 20
@@ -175,6 +177,18 @@ class TensorStore:
         """Store `array` under a fresh key, or under `key(name)` for a key others can predict."""
         return self._store.put(array, name=name).redis_key
 
+    def put_many(self, named: Sequence[tuple[str, np.ndarray]]) -> list[str]:
+        """Store arrays under `key(name)` for each (name, array), in one round trip.
+
+        Store 1.1 has no batch put under names: the connector's pipeline does it, with the same codec.
+        """
+        keys = [self.key(name) for name, _ in named]
+        with self._connector._client.pipeline(transaction=False) as pipe:
+            for key, (_, array) in zip(keys, named):
+                pipe.set(key, codec.encode(array))
+            pipe.execute()
+        return keys
+
     def key(self, name: str) -> str:
         """The full key of a named entry of this run."""
         return f"{self._connector.namespace}:{name}"
@@ -210,13 +224,70 @@ class TensorStore:
                 pipe.rpush(self.key(queue), token)
             pipe.execute()
 
-    def next_token(self, queue: str, timeout: float) -> str | None:
-        """The oldest token of a named queue, waiting up to `timeout` seconds for one (None: none came)."""
-        popped = self._connector._client.blpop([self.key(queue)], timeout=timeout)
-        return None if popped is None else popped[1].decode()
+    def next_tokens(self, queue: str, timeout: float, most: int = 256) -> list[str]:
+        """The oldest tokens of a named queue: waiting up to `timeout` seconds for one, then
+        whatever else is there at once, up to `most` (empty: none came)."""
+        client, key = self._connector._client, self.key(queue)
+        popped = client.blpop([key], timeout=timeout)
+        if popped is None:
+            return []
+        more = client.lpop(key, most - 1) if most > 1 else None
+        return [popped[1].decode(), *(t.decode() for t in more or ())]
 
     def close(self) -> None:
         self._store.close()
+
+
+def home_server(shard: int, n_workers: int, n_servers: int) -> int:
+    """The server a worker writes to: consecutive workers share one, as the workers of one node would."""
+    return shard * n_servers // n_workers
+
+
+class ServerGroup:
+    """The run's store servers (one, or one per node), a TensorStore on each.
+
+    Every process writes what it puts to its own worker's home server (the generator to the
+    home of the worker the data belongs to), so no one server carries every worker's traffic;
+    whoever reads a named entry knows whose it is, hence where it is.
+    """
+
+    def __init__(self, addresses: Sequence[RedisAddress], run_id: str, n_workers: int) -> None:
+        self.stores = [TensorStore(a, run_id) for a in addresses]
+        self.n_workers = n_workers
+
+    def home(self, shard: int) -> TensorStore:
+        return self.stores[home_server(shard, self.n_workers, len(self.stores))]
+
+    def by_server(self, items: Sequence[tuple[int, T]]) -> list[tuple[TensorStore, list[T]]]:
+        """(shard, item) pairs grouped by the shard's home server, each group in the given order."""
+        groups: dict[int, list[T]] = {}
+        for shard, item in items:
+            groups.setdefault(home_server(shard, self.n_workers, len(self.stores)), []).append(item)
+        return [(self.stores[i], group) for i, group in groups.items()]
+
+    def get_many(self, named: Sequence[tuple[int, str]]) -> list[np.ndarray]:
+        """The arrays of (shard, name) pairs, each from the shard's home server: one MGET per server."""
+        found: dict[tuple[int, str], np.ndarray] = {}
+        for store, group in self.by_server([(shard, (shard, name)) for shard, name in named]):
+            for item, array in zip(group, store.get_many([store.key(name) for _, name in group])):
+                found[item] = array
+        return [found[tuple(item)] for item in named]
+
+    def put_many(self, named: Sequence[tuple[int, str, np.ndarray]]) -> None:
+        """Put (shard, name, array) triples, each on the shard's home server: one round trip per server."""
+        for store, group in self.by_server([(shard, (name, array)) for shard, name, array in named]):
+            store.put_many(group)
+
+    def evict(self, keys: Sequence[tuple[TensorStore, str]]) -> None:
+        """Delete (store, key) pairs: one round trip per server."""
+        for store in self.stores:
+            mine = [k for s, k in keys if s is store]
+            if mine:
+                store.evict(mine)
+
+    def close(self) -> None:
+        for store in self.stores:
+            store.close()
 
 
 def run_keys(address: RedisAddress, run_id: str) -> list[str]:

@@ -2,17 +2,31 @@
 in buckets during forward, so that the exchange runs beside the compute instead of after it.
 
 A worker's backward finishes the last layers' gradients first; a background thread puts each
-bucket (libe_cnn/buckets.py) the moment it is final and tells the generator. The generator
-reduces every bucket as soon as all N copies are there, steps, and publishes the new
-parameters bucket by bucket, the first layers' first. The worker's next forward waits, layer
-by layer, only for the bucket that layer needs, while a second thread loads the rest.
+bucket (libe_cnn/buckets.py) the moment it is final. The new parameters come back bucket by
+bucket, the first layers' first; the worker's next forward waits, layer by layer, only for the
+bucket that layer needs, while a second thread loads the rest.
+
+Who reduces (--reduce-topology):
+    star   every worker's whole bucket goes to the generator, which reduces the N copies;
+    ring   reduce-scatter among the workers first: each bucket is cut into N chunks, worker c
+           reduces chunk c of everyone's copies (a third thread), and the generator reads one
+           reduced bucket in N pieces. Its work per step is then one model's worth, whatever N.
+Both reduce in shard order, so they give the same bits.
+
+With several store servers (--redis-servers) each piece lives on the home server of the worker
+it belongs to (libe_cnn.store.home_server): gradient chunks on their sender's, reduced chunks
+and parameter chunks on chunk c's owner's (star has one chunk: worker 1's home, the first server).
 
 Names in the store (run-scoped, like every key of the run):
-    grad-{step}-{shard}-{bucket}   one worker's gradient bucket of a step, in the wire type
-    params-{version}-{bucket}      the parent's parameters after `version` steps, one bucket
-Queues (Redis lists of short tokens), so that nobody polls for a key:
-    grad-arrivals                  "{step} {shard} {bucket} {loss}": to the generator
-    params-ready-{shard}           "{version} {bucket}": to one worker
+    grad-{step}-{shard}-{bucket}-{chunk}   one worker's gradient chunk of a step, in the wire type
+    reduced-{step}-{bucket}-{chunk}        ring: the reduced chunk, float32
+    params-{version}-{bucket}-{chunk}      the parent's parameters after `version` steps
+Queues (Redis lists of short tokens on the first server), so that nobody polls for a key:
+    grad-arrivals          star: "{step} {shard} {bucket} {loss}", to the generator
+    chunks-for-{owner}     ring: the same, to the worker that reduces that chunk
+    grad-reduced           ring: "{step} {bucket} {chunk} {bad shards} {losses}", to the generator
+    reduced-for-{shard}    the same, to every worker (--strategy ring-allreduce: no generator in between)
+    params-ready-{shard}   "{version} {bucket}": to one worker
 """
 
 from __future__ import annotations
@@ -20,20 +34,22 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from libe_cnn.buckets import Bucket, buckets_of_modules
+from libe_cnn.buckets import Bucket, buckets_of_modules, chunk_bounds
 from libe_cnn.flat import copy_into
-from libe_cnn.store import TensorStore
+from libe_cnn.store import ServerGroup
+from libe_cnn.reduction import finite, reduce_in_order
 from libe_cnn.wire import from_wire, to_wire
 
 
 GRAD_ARRIVALS = "grad-arrivals"
+GRAD_REDUCED = "grad-reduced"
 # How often a wait looks up to see whether the run was stopped meanwhile.
 POLL_S = 0.5
 
@@ -44,12 +60,24 @@ def params_ready(shard: int) -> str:
     return f"params-ready-{shard}"
 
 
-def grad_name(step: int, shard: int, bucket: int) -> str:
-    return f"grad-{step}-{shard}-{bucket}"
+def chunks_for(owner: int) -> str:
+    return f"chunks-for-{owner}"
 
 
-def params_name(version: int, bucket: int) -> str:
-    return f"params-{version}-{bucket}"
+def reduced_for(shard: int) -> str:
+    return f"reduced-for-{shard}"
+
+
+def grad_name(step: int, shard: int, bucket: int, chunk: int) -> str:
+    return f"grad-{step}-{shard}-{bucket}-{chunk}"
+
+
+def reduced_name(step: int, bucket: int, chunk: int) -> str:
+    return f"reduced-{step}-{bucket}-{chunk}"
+
+
+def params_name(version: int, bucket: int, chunk: int) -> str:
+    return f"params-{version}-{bucket}-{chunk}"
 
 
 def grad_token(step: int, shard: int, bucket: int, loss: float) -> str:
@@ -59,6 +87,32 @@ def grad_token(step: int, shard: int, bucket: int, loss: float) -> str:
 def parse_grad_token(token: str) -> tuple[int, int, int, float]:
     step, shard, bucket, loss = token.split()
     return int(step), int(shard), int(bucket), float(loss)
+
+
+def reduced_token(step: int, bucket: int, chunk: int, bad: list[int], losses: list[float]) -> str:
+    return f"{step} {bucket} {chunk} {','.join(map(str, bad)) or '-'} {','.join(map(repr, losses))}"
+
+
+def parse_reduced_token(token: str) -> tuple[int, int, int, list[int], list[float]]:
+    step, bucket, chunk, bad, losses = token.split()
+    return (int(step), int(bucket), int(chunk), [] if bad == "-" else [int(b) for b in bad.split(",")],
+            [float(x) for x in losses.split(",")])
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a step's exchange is cut: the model's buckets, and each bucket into chunks (one per
+    reducing worker with ring, a single one with star)."""
+
+    buckets: list[Bucket]
+    n_chunks: int
+
+    def chunks(self, index: int) -> list[tuple[int, int]]:
+        return chunk_bounds(self.buckets[index], self.n_chunks)
+
+    @property
+    def ring(self) -> bool:
+        return self.n_chunks > 1
 
 
 def blocking(wait: Callable[[], T]) -> T:
@@ -75,11 +129,11 @@ class Stopped(Exception):
 
 
 class GradientSender:
-    """A worker's thread that puts each gradient bucket as soon as backward has finished it."""
+    """A worker's thread that puts each gradient bucket as soon as backward has finished it:
+    to the generator whole (star), or cut into chunks, each to the worker that reduces it (ring)."""
 
-    def __init__(self, store: TensorStore, shard: int, buckets: list[Bucket], flat_grad: torch.Tensor,
-                 wire: str) -> None:
-        self.store, self.shard, self.buckets, self.flat_grad, self.wire = store, shard, buckets, flat_grad, wire
+    def __init__(self, servers: ServerGroup, shard: int, layout: Layout, flat_grad: torch.Tensor, wire: str) -> None:
+        self.servers, self.shard, self.layout, self.flat_grad, self.wire = servers, shard, layout, flat_grad, wire
         self.busy_s = 0.0  # time spent putting, beside the compute
         self.error: Exception | None = None
         self._work: queue.Queue = queue.Queue()
@@ -90,15 +144,17 @@ class GradientSender:
         self._work.put((step, bucket, loss))
 
     def _run(self) -> None:
+        home, control = self.servers.home(self.shard), self.servers.stores[0]
         while (item := self._work.get()) is not None:
             step, index, loss = item
             t0 = time.perf_counter()
             try:
                 if self.error is None:
-                    b = self.buckets[index]
-                    self.store.put(to_wire(self.flat_grad[b.start : b.stop], self.wire),
-                                   grad_name(step, self.shard, index))
-                    self.store.notify([GRAD_ARRIVALS], grad_token(step, self.shard, index, loss))
+                    chunks = self.layout.chunks(index)
+                    home.put_many([(grad_name(step, self.shard, index, c), to_wire(self.flat_grad[start:stop], self.wire))
+                                   for c, (start, stop) in enumerate(chunks)])
+                    queues = [chunks_for(c) for c in range(len(chunks))] if self.layout.ring else [GRAD_ARRIVALS]
+                    control.notify(queues, grad_token(step, self.shard, index, loss))
             except Exception as e:  # reported to the worker's own thread by flush
                 self.error = e
             finally:
@@ -116,16 +172,77 @@ class GradientSender:
         self._thread.join(timeout=10)
 
 
+class ChunkReducer:
+    """ring: a worker's thread that reduces its own chunk of every bucket, in shard order, as
+    soon as all N workers' copies of it are in, and hands the result to the generator.
+
+    A NaN or inf shows in the reduced sum; only then is each copy looked at, and the workers
+    found non-finite are named in the token (the generator decides what that means).
+    """
+
+    def __init__(self, servers: ServerGroup, shard: int, layout: Layout, wire: str, mode: str,
+                 report_to: tuple[str, ...] = (GRAD_REDUCED,)) -> None:
+        self.servers, self.shard, self.layout, self.wire, self.mode = servers, shard, layout, wire, mode
+        self.report_to = list(report_to)  # the queues told of each reduced chunk
+        self.n = layout.n_chunks
+        self.busy_s = 0.0  # fetching, reducing and putting, beside the compute
+        self.error: Exception | None = None
+        self._out = [np.empty(stop - start, np.float32) for start, stop in
+                     (layout.chunks(b.index)[shard] for b in layout.buckets)]
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"chunk-reducer-{shard}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        control, home = self.servers.stores[0], self.servers.home(self.shard)
+        copies: dict[tuple[int, int], dict[int, np.ndarray]] = {}
+        losses: dict[tuple[int, int], dict[int, float]] = {}
+        try:
+            while not self._closed:
+                tokens = [parse_grad_token(t) for t in control.next_tokens(chunks_for(self.shard), POLL_S)]
+                if not tokens:
+                    continue
+                t0 = time.perf_counter()
+                arrays = self.servers.get_many([(sender, grad_name(step, sender, index, self.shard))
+                                                for step, sender, index, _ in tokens])
+                for (step, sender, index, loss), array in zip(tokens, arrays):
+                    copies.setdefault((step, index), {})[sender] = from_wire(array, self.wire)
+                    losses.setdefault((step, index), {})[sender] = loss
+                for step, index in sorted({(step, index) for step, _, index, _ in tokens}):
+                    got = copies[(step, index)]
+                    if len(got) < self.n:
+                        continue
+                    ordered = [got[s] for s in range(self.n)]
+                    out = reduce_in_order(ordered, self._out[index], self.mode)
+                    bad = [] if np.isfinite(out.sum()) else [s for s in range(self.n) if not finite(ordered[s])]
+                    home.put(out, reduced_name(step, index, self.shard))
+                    by_shard = losses.pop((step, index))
+                    control.notify(self.report_to, reduced_token(step, index, self.shard, bad,
+                                                                 [by_shard[s] for s in range(self.n)]))
+                    del copies[(step, index)]
+                self.busy_s += time.perf_counter() - t0
+        except Exception as e:  # reported to the worker's own thread by check
+            self.error = e
+
+    def check(self) -> None:
+        """Raise what went wrong in the thread, if anything (the generator would wait for it forever)."""
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self._closed = True
+        self._thread.join(timeout=10)
+
+
 class ParameterLoader:
     """A worker's thread that copies the parent's parameters into the model bucket by bucket,
     as the generator publishes them."""
 
-    def __init__(self, store: TensorStore, shard: int, buckets: list[Bucket], flat_params: torch.Tensor,
-                 wire: str) -> None:
-        self.store, self.shard, self.buckets, self.flat_params, self.wire = store, shard, buckets, flat_params, wire
+    def __init__(self, servers: ServerGroup, shard: int, layout: Layout, flat_params: torch.Tensor, wire: str) -> None:
+        self.servers, self.shard, self.layout, self.flat_params, self.wire = servers, shard, layout, flat_params, wire
         self.busy_s = 0.0  # time spent fetching and copying, beside the compute
         self.error: Exception | None = None
-        self.loaded = [threading.Event() for _ in buckets]
+        self.loaded = [threading.Event() for _ in layout.buckets]
         self._versions: queue.Queue = queue.Queue()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"parameter-loader-{shard}", daemon=True)
@@ -138,22 +255,24 @@ class ParameterLoader:
         self._versions.put(version)
 
     def _run(self) -> None:
+        control = self.servers.stores[0]
         while (version := self._versions.get()) is not None:
             try:
-                for _ in self.buckets:
-                    token = None
-                    while token is None:
+                for _ in self.layout.buckets:
+                    tokens = []
+                    while not tokens:
                         if self._closed:
                             return
-                        token = self.store.next_token(params_ready(self.shard), POLL_S)
+                        tokens = control.next_tokens(params_ready(self.shard), POLL_S, most=1)
                     t0 = time.perf_counter()
-                    got_version, index = map(int, token.split())
+                    got_version, index = map(int, tokens[0].split())
                     if got_version != version:
                         raise RuntimeError(f"worker {self.shard + 1} expected parameters of version {version}, "
                                            f"the generator published {got_version}")
-                    b = self.buckets[index]
-                    array = from_wire(self.store.get(self.store.key(params_name(version, index))), self.wire)
-                    copy_into(self.flat_params[b.start : b.stop], array)
+                    chunks = self.layout.chunks(index)
+                    arrays = self.servers.get_many([(c, params_name(version, index, c)) for c in range(len(chunks))])
+                    for (start, stop), array in zip(chunks, arrays):
+                        copy_into(self.flat_params[start:stop], from_wire(array, self.wire))
                     self.busy_s += time.perf_counter() - t0
                     self.loaded[index].set()
             except Exception as e:  # reported to the worker's own thread by wait
@@ -183,8 +302,8 @@ class StreamedModel:
     """Hooks a worker's model into the stream: each module's forward first waits for its own
     parameter bucket, and each gradient bucket is handed to the sender once backward finished it."""
 
-    def __init__(self, model: nn.Module, buckets: list[Bucket], loader: ParameterLoader, sender: GradientSender,
-                 stopped: Callable[[], bool]) -> None:
+    def __init__(self, model: nn.Module, buckets: list[Bucket], loader: ParameterLoader | None,
+                 sender: GradientSender, stopped: Callable[[], bool]) -> None:
         self.buckets, self.loader, self.sender, self.stopped = buckets, loader, sender, stopped
         self.load_wait_s = 0.0  # blocked in forward waiting for parameters
         self.step, self.loss = 0, 0.0
@@ -193,8 +312,9 @@ class StreamedModel:
         for b in buckets:
             for i in b.params:
                 params[i].register_post_accumulate_grad_hook(self._finished_hook(b.index))
-        for module, needed in buckets_of_modules(model, buckets).items():
-            module.register_forward_pre_hook(self._wait_hook(needed))
+        if loader is not None:  # None: the worker keeps its own parameters (ring-allreduce)
+            for module, needed in buckets_of_modules(model, buckets).items():
+                module.register_forward_pre_hook(self._wait_hook(needed))
 
     def _wait_hook(self, needed: tuple[int, ...]):
         def wait_for_parameters(module, args):
@@ -213,119 +333,13 @@ class StreamedModel:
         """Before forward of `step`: its parameters start to arrive."""
         self.step = step
         self._remaining = [len(b.params) for b in self.buckets]
-        self.loader.request(step)
+        if self.loader is not None:
+            self.loader.request(step)
 
     def before_backward(self, loss: float) -> None:
         """Every bucket is loaded before backward reads the parameters (a layer whose forward
         never ran would otherwise still be loading)."""
         self.loss = loss
-        for b in self.buckets:
+        for b in self.buckets if self.loader is not None else ():
             self.load_wait_s += self.loader.wait(b.index, self.stopped)
 
-
-# --- the generator's side ---
-
-@dataclass
-class StepGradients:
-    """One step's gradients, reduced into the parent's gradient buffer."""
-
-    good: list[int]  # the shards whose gradient counted
-    losses: list[float]  # each worker's training loss, in shard order
-    wait_s: float = 0.0  # blocked waiting for buckets
-    fetch_s: float = 0.0
-    reduce_s: float = 0.0
-    last_arrival: float = 0.0  # when the step's last bucket arrived
-    keys: list[str] = field(default_factory=list)  # the buckets' keys in the store
-
-
-def reduce_step(run, step: int) -> StepGradients | None:
-    """Wait for every worker's gradient buckets of `step` and reduce each bucket once all N are
-    there; None if the manager stops the run meanwhile.
-
-    A worker with a non-finite bucket is left out of every bucket (--on-nonfinite skip), so
-    buckets reduced before that was known are reduced again without it: the math is that of
-    reducing whole gradients.
-    """
-    n, parent, mode = run.n, run.parent, run.cfg.reduce
-    buckets = parent.buckets
-    copies: list[dict[int, np.ndarray]] = [{} for _ in buckets]
-    losses: dict[int, float] = {}
-    bad: set[int] = set()
-    reduced_over: dict[int, list[int]] = {}
-    got = StepGradients([], [])
-    while any(len(c) < n for c in copies):
-        t0 = time.perf_counter()
-        token = run.messages.next_token(GRAD_ARRIVALS)
-        t1 = time.perf_counter()
-        got.wait_s += t1 - t0
-        if token is None:
-            if got.keys:
-                run.store.evict(got.keys)
-            return None
-        sent_at, shard, index, loss = parse_grad_token(token)
-        if sent_at != step or not 0 <= index < len(buckets) or shard in copies[index]:
-            raise RuntimeError(f"unexpected gradient bucket {index} of step {sent_at} from worker {shard + 1} "
-                               f"during step {step}")
-        key = run.store.key(grad_name(step, shard, index))
-        got.keys.append(key)
-        copies[index][shard] = run.fetch([key])[0]
-        losses[shard] = loss
-        t2 = time.perf_counter()
-        got.fetch_s += t2 - t1
-        if len(copies[index]) == n:
-            got.last_arrival = t1
-            good = [s for s in range(n) if s not in bad]
-            # A NaN or inf in any copy makes the reduced bucket non-finite: only then look at each copy.
-            if good and not parent.reduce_bucket(buckets[index], [copies[index][s] for s in good], mode):
-                ordered = [copies[index][s] for s in range(n)]
-                bad.update(run.screen(ordered, range(n), step + 1, "gradient"))
-            if good:
-                reduced_over[index] = good
-        got.reduce_s += time.perf_counter() - t2
-    t3 = time.perf_counter()
-    got.good = [s for s in range(n) if s not in bad]
-    for index, shards in reduced_over.items():
-        if shards != got.good and got.good:
-            parent.reduce_bucket(buckets[index], [copies[index][s] for s in got.good], mode)
-    got.reduce_s += time.perf_counter() - t3
-    got.losses = [losses[s] for s in range(n)]
-    return got
-
-
-def publish(run, version: int, bucket) -> None:
-    """Put one bucket of the parent's parameters and tell every worker it is there."""
-    run.store.put(run.parent.bucket_for_wire(bucket), params_name(version, bucket.index))
-    run.store.notify([params_ready(s) for s in range(run.n)], f"{version} {bucket.index}")
-
-
-class Publisher:
-    """Publishes each bucket of the new parameters as soon as it is stepped (the workers wait for it).
-
-    An error is kept until the whole step is taken, so that the run keeps that step.
-    """
-
-    def __init__(self, run, version: int | None) -> None:
-        self.run, self.version = run, version  # None: the last step, nothing to publish
-        self.seconds = 0.0
-        self.first_at: float | None = None  # when the first bucket was out: what the workers wait for
-        self.error: Exception | None = None
-
-    def __call__(self, bucket) -> None:
-        if self.version is None or self.error is not None:
-            return
-        t0 = time.perf_counter()
-        try:
-            publish(self.run, self.version, bucket)
-        except Exception as e:  # noqa: BLE001 - raised by raise_error once the step is complete
-            self.error = e
-        self.seconds += time.perf_counter() - t0
-        if self.first_at is None:
-            self.first_at = time.perf_counter()
-
-    def raise_error(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-
-def params_keys(run, version: int) -> list[str]:
-    return [run.store.key(params_name(version, b.index)) for b in run.parent.buckets]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import signal
 import time
-from collections import deque
 from typing import Callable
 
 import numpy as np
@@ -34,9 +33,12 @@ from libe_cnn.runtime import (
     set_threads,
     threads_per_worker,
 )
-from libe_cnn.store import TensorStore
-from libe_cnn.stream import GradientSender, ParameterLoader, Stopped, StreamedModel
+from libe_cnn.store import ServerGroup, TensorStore
+from libe_cnn.strategies.sync import exchange_layout
+from libe_cnn.strategies.ring_allreduce import gather_reduced
+from libe_cnn.stream import ChunkReducer, GradientSender, Layout, ParameterLoader, Stopped, StreamedModel, reduced_for
 from libe_cnn.wire import from_wire, to_wire
+from sim_funcs.inbox import Inbox
 from mnist.data import BatchOrder, dropout_seed, load_shard
 from mnist.model import MODELS, load_optimizer_state_vector, make_optimizer, optimizer_state_vector
 
@@ -140,25 +142,28 @@ class ChildWorker:
         """sync: parameters arrive bucket by bucket during forward, the gradient leaves bucket
         by bucket during backward (libe_cnn/stream.py); a row per step reports the timings.
 
+        With ring, a third thread reduces this worker's chunk of everyone's gradient.
         The worker never waits on libEnsemble: the generator sends each step's rows ahead, and
         the worker takes one only when it reports a step, by which time it is there. (The
         manager may hand out the rows of two steps in either order; the result says its step.)
         """
         cfg = self.cfg
-        buckets = bucket_layout(self.model, cfg.bucket_mb * 2**20)
-        loader = ParameterLoader(TensorStore(self.plan.redis, cfg.run_id), self.shard, buckets, self.flat_params,
-                                 cfg.wire_dtype)
-        sender = GradientSender(TensorStore(self.plan.redis, cfg.run_id), self.shard, buckets, self.flat_grad,
-                                cfg.wire_dtype)
+        layout = exchange_layout(bucket_layout(self.model, cfg.bucket_mb * 2**20), cfg)
+        loader = ParameterLoader(self.server_group(), self.shard, layout, self.flat_params, cfg.wire_dtype)
+        sender = GradientSender(self.server_group(), self.shard, layout, self.flat_grad, cfg.wire_dtype)
+        reducer = (ChunkReducer(self.server_group(), self.shard, layout, cfg.wire_dtype, cfg.reduce)
+                   if layout.ring else None)
+        threads = [loader, sender] + ([reducer] if reducer else [])
         inbox = Inbox(ps, row)
-        stream = StreamedModel(self.model, buckets, loader, sender, inbox.stopped)
+        stopped = stop_check(inbox, reducer)
+        stream = StreamedModel(self.model, layout.buckets, loader, sender, stopped)
         t = self.first_batch
         try:
             while t < self.plan.total_steps:
                 t0 = time.perf_counter()
                 stream.begin(t)
                 x, y = self.batch(t)
-                busy, load_wait = sender.busy_s + loader.busy_s, stream.load_wait_s
+                busy, load_wait = sum(w.busy_s for w in threads), stream.load_wait_s
                 t1 = time.perf_counter()
                 try:
                     loss = self.gradient(x, y, t, stream.before_backward)
@@ -174,15 +179,81 @@ class ChildWorker:
                 waited = stream.load_wait_s - load_wait
                 out = self.result_row(out_dtype, "", t, loss, len(y),
                                       (t1 - t0 + waited, t2 - t1 - waited, t3 - t2, t4 - t3))
-                out["exchange_s"] = sender.busy_s + loader.busy_s - busy
+                out["exchange_s"] = sum(w.busy_s for w in threads) - busy
                 ps.send(out)
                 t += 1
             inbox.next_row()  # the generator is done: this is the manager's stop
         finally:
-            loader.close()
-            sender.close()
-            loader.store.close()
-            sender.store.close()
+            for thread in threads:
+                thread.close()
+                thread.servers.close()
+
+    def allreduce_loop(self, ps: PersistentSupport, row: np.void, out_dtype) -> None:
+        """ring-allreduce: the gradient leaves bucket by bucket during backward, in chunks to the
+        workers that reduce them; this worker reduces its own chunk of everyone's (a thread),
+        reads every reduced chunk back and takes the optimizer step itself."""
+        cfg, n = self.cfg, self.cfg.n_workers
+        layout = Layout(bucket_layout(self.model, cfg.bucket_mb * 2**20), n)
+        optimizer = make_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr)
+        if self.plan.resume_positions is not None:
+            self.restore_own_state(optimizer)
+        else:
+            self.load_into_model(str(row["params_key"]))
+        sender = GradientSender(self.server_group(), self.shard, layout, self.flat_grad, cfg.wire_dtype)
+        reducer = ChunkReducer(self.server_group(), self.shard, layout, cfg.wire_dtype, "mean",
+                               report_to=tuple(reduced_for(s) for s in range(n)))
+        servers = self.server_group()
+        inbox = Inbox(ps, row)
+        stopped = stop_check(inbox, reducer)
+        stream = StreamedModel(self.model, layout.buckets, None, sender, stopped)
+        t = self.first_batch
+        try:
+            while t < self.plan.total_steps:
+                t0 = time.perf_counter()
+                stream.begin(t)
+                x, y = self.batch(t)
+                busy = sender.busy_s + reducer.busy_s
+                t1 = time.perf_counter()
+                loss = self.gradient(x, y, t, stream.before_backward)
+                t2 = time.perf_counter()
+                sender.flush()
+                try:
+                    bad = gather_reduced(servers, self.shard, layout, t, self.flat_grad, stopped)
+                except Stopped:
+                    return
+                if not bad:  # every worker sees the same: all step, or none
+                    optimizer.step()
+                t3 = time.perf_counter()
+                row = inbox.next_row()
+                t4 = time.perf_counter()
+                if row is None:
+                    return
+                state_key = ""
+                if row["checkpoint"] and self.shard == 0:  # the workers are identical: one state does
+                    state_key = self.store.put(np.concatenate([host_array(self.flat_params),
+                                                               optimizer_state_vector(optimizer, cfg.optimizer)]))
+                out = self.result_row(out_dtype, "", t, loss, len(y), (t1 - t0, t2 - t1, t3 - t2, t4 - t3), state_key)
+                out["exchange_s"] = sender.busy_s + reducer.busy_s - busy
+                out["nonfinite_from"] = ",".join(map(str, bad))
+                ps.send(out)
+                t += 1
+            inbox.next_row()  # the generator is done: this is the manager's stop
+        finally:
+            for thread in (sender, reducer):
+                thread.close()
+                thread.servers.close()
+            servers.close()
+
+    def server_group(self) -> ServerGroup:
+        """Connections to every store server of the run (each thread of the exchange needs its own)."""
+        return ServerGroup(self.plan.servers, self.cfg.run_id, self.cfg.n_workers)
+
+    def restore_own_state(self, optimizer) -> None:
+        """Resuming: this worker's parameters and optimizer state, as the checkpoint holds them."""
+        state = self.store.get(self.store.key(resume_key(self.shard)))
+        n_params = self.flat_params.numel()
+        copy_into(self.flat_params, state[:n_params])
+        load_optimizer_state_vector(optimizer, self.cfg.optimizer, state[n_params:])
 
     def local_rounds(self, ps: PersistentSupport, row: np.void, out_dtype, strategy) -> None:
         """Periodic strategies: K optimizer steps alone, then one exchange, as the strategy says."""
@@ -192,11 +263,7 @@ class ChildWorker:
         memo: dict = {}  # what the strategy keeps between the halves of a round (easgd: the center)
         t = self.first_batch  # local steps done by this worker
         if self.plan.resume_positions is not None:
-            # Its parameters and optimizer state from the checkpoint, as the generator left them.
-            state = self.store.get(self.store.key(resume_key(self.shard)))
-            n_params = self.flat_params.numel()
-            copy_into(self.flat_params, state[:n_params])
-            load_optimizer_state_vector(optimizer, cfg.optimizer, state[n_params:])
+            self.restore_own_state(optimizer)
         wait_s = 0.0
         while True:
             t0 = time.perf_counter()
@@ -227,32 +294,14 @@ class ChildWorker:
             row = calc_in[0]
 
 
-class Inbox:
-    """A streaming simulator's messages from the manager: its rows, one per step, and the stop."""
-
-    def __init__(self, ps: PersistentSupport, first_row: np.void) -> None:
-        self.ps = ps
-        self.rows: deque[np.void] = deque([first_row])
-        self._stopped = False
-
-    def stopped(self) -> bool:
-        """Whether the manager has stopped this simulator; rows that came meanwhile are kept."""
-        while not self._stopped and self.ps.comm.mail_flag():
-            self._receive()
-        return self._stopped
-
-    def next_row(self) -> np.void | None:
-        """The next row (waiting for it if it has not come yet); None once stopped."""
-        while not self.rows and not self._stopped:
-            self._receive()
-        return self.rows.popleft() if self.rows else None
-
-    def _receive(self) -> None:
-        tag, _, calc_in = self.ps.recv()
-        if tag in (STOP_TAG, PERSIS_STOP):
-            self._stopped = True
-        else:
-            self.rows.append(calc_in[0])
+def stop_check(inbox: Inbox, reducer: ChunkReducer | None) -> Callable[[], bool]:
+    """What a streaming worker asks while it waits: whether it was stopped, and (raising it)
+    whether its chunk reducer failed, which would leave every other worker waiting for its chunk."""
+    def stopped() -> bool:
+        if reducer is not None:
+            reducer.check()
+        return inbox.stopped()
+    return stopped
 
 
 def child_trainer_sim(H, persis_info, sim_specs, libE_info):

@@ -26,6 +26,17 @@ def redis_address():
 
 
 @pytest.fixture(scope="session")
+def second_redis():
+    """Another real redis-server, for runs that spread their data over two."""
+    from libe_cnn.redis_server import PrivateRedis
+
+    server = PrivateRedis()
+    address = server.start()
+    yield address
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def fashion_files():
     from mnist.data import locate
 

@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from libe_cnn.reduction import reduce_in_order
+
 
 @dataclass(frozen=True)
 class Option:
@@ -73,6 +75,14 @@ class Strategy:
     def step_unit(self) -> str:
         return "gradient" if self.counts_gradients else "step"
 
+    def option(self, name: str) -> Option | None:
+        """This strategy's version of the option in TrainConfig field `name`, or None if it takes none.
+
+        Strategies may share a field and flag with checks, defaults and help of their own
+        (easgd's and elastic-gossip's --elastic-alpha).
+        """
+        return next((o for o in self.options if o.name == name), None)
+
     def recorded_per_step(self, n_workers: int) -> int:
         """Recorded steps in one step of one batch on every worker: N single gradients, or 1."""
         return n_workers if self.counts_gradients else 1
@@ -105,7 +115,9 @@ class Periodic(Strategy):
     counters: type[Counters] = field(default=RoundCounters)
     # The workers' models are needed every round, not only to evaluate the parent.
     combines_every_round: bool = True
-    # Each round exchanges something (local: nothing, it only evaluates).
+    # The generator counts every round after the first as an exchange. False: no round exchanges
+    # anything (local: it only evaluates), or the strategy counts its own in round_keys (gossip,
+    # whose pairs may all sit a round out).
     exchanges: bool = True
 
     def round_end_limit(self, cfg, start: int, total: int) -> int:
@@ -155,29 +167,6 @@ class Periodic(Strategy):
 
 SYNC_PERIOD = Option("sync_period", "--sync-period", "local steps between exchanges", default=4, metavar="K",
                      check=lambda v, n: None if v >= 1 else f"--sync-period must be at least 1 (got {v})")
-
-
-def reduce_in_order(buffers, out: np.ndarray, mode: str = "sum") -> np.ndarray:
-    """Sum (or average) flat float32 buffers into the preallocated `out`, in the given order.
-
-    A fixed order makes a run reproducible bit for bit.
-    """
-    if not buffers:
-        raise ValueError("nothing to combine")
-    for b in buffers:
-        if b.shape != out.shape:
-            raise ValueError(f"buffer of shape {b.shape} does not match {out.shape}")
-    if len(buffers) == 1:
-        np.copyto(out, buffers[0])
-    else:  # the first addition reads both buffers: one pass fewer than copying the first
-        np.add(buffers[0], buffers[1], out=out)
-    for b in buffers[2:]:
-        np.add(out, b, out=out)
-    if mode == "mean":
-        out *= np.float32(1.0 / len(buffers))
-    elif mode != "sum":
-        raise ValueError(f"unknown reduction {mode!r}")
-    return out
 
 
 def average_parameters(params, out: np.ndarray) -> np.ndarray:

@@ -83,6 +83,20 @@ def test_speedup_smoke(tmp_path, fashion_files):
     assert "efficiency" in (tmp_path / "speedup.md").read_text()
 
 
+def test_scaling_and_cost_model_smoke(tmp_path, fashion_files):
+    result = run_cli("benchmarks/scaling.py", "--sizes", "2", "--steps", "4", "--out", str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_png(tmp_path / "scaling.png")
+    runs = json.loads((tmp_path / "scaling.json").read_text())["runs"]
+    assert [(r["n"], r["topology"], r["servers"]) for r in runs] == [(2, "star", 1), (2, "ring", 1)]
+    assert all(r["generator_cpu_ms"] > 0 and r["busiest_server_mb_per_step"] > 0 for r in runs)
+    result = run_cli("benchmarks/cost_model.py", "--scaling", str(tmp_path / "scaling.json"), "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = json.loads((tmp_path / "cost-model.json").read_text())
+    star, ring = model["exchange_ms"]["1 Gbit/s"]["star"], model["exchange_ms"]["1 Gbit/s"]["ring"]
+    assert star[-1] > ring[-1] and all(a < b for a, b in zip(star, star[1:]))  # star grows with N, ring less
+
+
 def test_committed_figures_have_their_data_beside_them():
     assert_png(RESULTS / "batch-scaling.png")  # the README shows it
     figures = sorted(RESULTS.glob("*.png"))

@@ -72,12 +72,15 @@ def last_checkpoint_step(run_dir) -> int:
 
 
 def test_a_killed_simulator_ends_the_run_naming_the_worker(tmp_path, fashion_files):
+    """While the workers reduce among themselves (ring, over two private servers): the others
+    wait for the dead worker's chunks, the generator for its reduced one."""
     servers_before = redis_servers()
     run_dir = tmp_path / "run"
-    proc = start_run(run_dir)
+    proc = start_run(run_dir, "-n", "3", "--reduce-topology", "ring", "--redis-servers", "2", "--batch-size", "16")
     wait_for_evaluation(run_dir, proc)
+    assert len(children(proc, "redis-server")) == 2
     sims = children(proc, "spawn_main")
-    assert len(sims) == 2
+    assert len(sims) == 3
     everyone = psutil.Process(proc.pid).children(recursive=True)
     killed_at = time.monotonic()
     os.kill(sims[1].pid, signal.SIGKILL)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from libe_cnn.strategies.base import average_parameters
 from libe_cnn.strategies.easgd import EASGD_BETA, elastic_center_update, elastic_pull
+from libe_cnn.strategies.elastic_gossip import DEFAULT_ALPHA, elastic_exchange
 from libe_cnn.strategies.gossip import gossip_pairing, pairwise_average
 from libe_cnn.strategies.weighted_param_avg import mix_parameters
 from libe_cnn.flat import flatten_gradients, flatten_parameters
@@ -28,9 +29,10 @@ def read_run(run_dir):
     return summary, records, config
 
 
-# One real-process run per family (sync runs in test_trainer); tests/loops runs every strategy in-process,
-# with staleness limits, non-finite results and the evaluation and checkpoint boundaries.
-@pytest.mark.parametrize("strategy", ["async", "easgd", "gossip"])
+# One real-process run per family (sync runs in test_trainer; elastic-gossip shares gossip's loops);
+# tests/loops runs every strategy in-process, with staleness limits, non-finite results and the
+# evaluation and checkpoint boundaries.
+@pytest.mark.parametrize("strategy", ["ring-allreduce", "async", "easgd", "gossip"])
 def test_each_strategy_trains_with_three_workers(tmp_path, fashion_files, redis_address, strategy):
     run_dir = tmp_path / "run"
     result = run_cli("run_libe_cnn.py", "-n", "3", "--dataset", "fashion-mnist", "--limit-train", "6144",
@@ -57,6 +59,8 @@ def test_each_strategy_trains_with_three_workers(tmp_path, fashion_files, redis_
         err = result.stderr
         assert "36 gradients (12 per worker)" in err and "gradient 36/36" in err and "gradient 36: test" in err, err
         assert "done: 36 gradients (36 applied, 0 dropped as stale)" in result.stdout, result.stdout
+    elif strategy == "ring-allreduce":
+        assert [r["step"] for r in steps] == list(range(1, 13))
     else:
         # Rounds of 4 local steps, each ending at an evaluation point.
         assert [r["step"] for r in steps] == [4, 8, 12] and summary["exchanges"] == 2
@@ -65,11 +69,11 @@ def test_each_strategy_trains_with_three_workers(tmp_path, fashion_files, redis_
 # --- parity: the ensemble computes exactly what one process computes with the same math ---
 
 def reference_run(files, strategy: str, seed: int, n_train: int, n: int, batch: int, steps: int, lr: float,
-                  period: int) -> dict:
+                  period: int, agg_prob: float = 1.0) -> dict:
     """N worker models trained in one process with the strategy's math, on the same batches.
 
     Returns the state_dict of the model the ensemble saves: the parent (param-avg,
-    weighted-param-avg), the center (easgd) or the workers' mean (gossip, local).
+    weighted-param-avg), the center (easgd) or the workers' mean (gossip, elastic-gossip, local).
     """
     parent = build_model(seed, dropout=False)
     parent_flat = flatten_parameters(parent).numpy()
@@ -106,11 +110,14 @@ def reference_run(files, strategy: str, seed: int, n_train: int, n: int, batch: 
                 np.copyto(w, parent_flat)
             elif strategy == "easgd":
                 elastic_pull(w, center_before, alpha)
-            elif strategy == "gossip":
-                peer = gossip_pairing(n, r, seed, "random")[s]
-                if peer >= 0:
+            elif strategy in ("gossip", "elastic-gossip"):
+                # Round r + 1 starts with the r-th pairing: the first round starts from the parent.
+                peer = gossip_pairing(n, r, seed, "random", agg_prob)[s]
+                if peer >= 0 and strategy == "gossip":
                     pairwise_average(w, sent[peer])
-    if strategy in ("gossip", "local"):
+                elif peer >= 0:  # from the peer's parameters as it sent them, before its own move
+                    elastic_exchange(w, sent[peer], DEFAULT_ALPHA)
+    if strategy in ("gossip", "elastic-gossip", "local"):
         average_parameters([f.numpy() for f in flats], parent_flat)
     return parent.state_dict()
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from libe_cnn.config import STRATEGIES
+from libe_cnn.strategies.gossip import gossip_pairing
 from mnist.data import locate
 from mnist.model import build_model
 from run_libe_cnn import done_line, main
@@ -30,7 +31,7 @@ from tests.fake_ensemble import (
 from tests.integration.test_strategies import reference_run
 from tests.integration.test_trainer import single_process_steps
 
-PERIODIC = ("param-avg", "weighted-param-avg", "easgd", "gossip")
+PERIODIC = ("param-avg", "weighted-param-avg", "easgd", "gossip", "elastic-gossip")
 
 
 @pytest.fixture(scope="session")
@@ -91,9 +92,9 @@ def test_each_strategy_records_its_steps_and_evaluates_at_the_same_samples(loop_
     # Evaluated at the same sample counts, whatever the strategy counts as a step.
     assert [e["samples"] for e in evals] == [4 * 48, 8 * 48]
     assert summary["test_accuracy"] == evals[-1]["test_accuracy"]
-    if strategy == "sync":
+    if strategy in ("sync", "ring-allreduce"):
         assert [r["step"] for r in steps] == list(range(1, 9)) and [e["step"] for e in evals] == [4, 8]
-        assert summary["nonfinite_skipped"] == 0
+        assert summary.get("nonfinite_skipped", 0) == 0
     elif strategy == "async":
         # One record per gradient; evaluations after every N gradients that complete a step.
         assert [r["step"] for r in steps] == list(range(1, 25)) and [e["step"] for e in evals] == [12, 24]
@@ -115,7 +116,7 @@ def test_each_strategy_records_its_steps_and_evaluates_at_the_same_samples(loop_
     assert len(done.leftover_keys) <= (3 if strategy == "async" else 0), done.leftover_keys
 
 
-@pytest.mark.parametrize("strategy", ["gossip", "local"])
+@pytest.mark.parametrize("strategy", ["gossip", "elastic-gossip", "local"])
 def test_rounds_are_cut_short_at_evaluations_and_checkpoints(run, strategy):
     period = [] if strategy == "local" else ["--sync-period", "3"]
     run_dir = run(*SMALL, "--max-steps", "9", "--eval-every", "4", "--checkpoint-every", "5", "--strategy", strategy,
@@ -242,11 +243,20 @@ def test_easgd_stopped_mid_round_resumes_from_its_last_checkpoint(run, dropout):
     assert [(r["step"], r["loss"]) for r in steps] == [(r["step"], r["loss"]) for r in read_run(whole)[1]]
 
 
-def test_gossip_stopped_after_its_checkpoint_resumes_from_the_boundary(run):
+@pytest.mark.parametrize("strategy, agg_prob", [("gossip", []), ("elastic-gossip", ["--agg-prob", "0.5"])])
+def test_gossip_stopped_after_its_checkpoint_resumes_from_the_boundary(run, strategy, agg_prob):
     """Stopped mid-round, a periodic run keeps the checkpoint of the last multiple of --checkpoint-every,
-    even with rounds recorded after it; resumed from there, it ends where an uninterrupted run does."""
-    options = [*RESUMABLE, "--strategy", "gossip", "--sync-period", "2", "--max-steps", "8", "--checkpoint-every", "3"]
+    even with rounds recorded after it; resumed from there, it ends where an uninterrupted run does,
+    with the same pairs skipping the same rounds (--agg-prob)."""
+    options = [*RESUMABLE, "--strategy", strategy, "--sync-period", "2", "--max-steps", "8",
+               "--checkpoint-every", "3", *agg_prob]
     whole = run(*options, name="whole")
+    # Four rounds draw a pairing (those starting at 2, 3, 5, 6); with --agg-prob 0.5 and seed 1 the
+    # single pair skips the rounds at 2 and 3 (the second drawn by the resumed run) and exchanges at 5 and 6.
+    exchanges = 4 if not agg_prob else 2
+    if agg_prob:
+        assert [bool((gossip_pairing(2, r, 1, "random", 0.5) >= 0).any()) for r in range(4)] == [False] * 2 + [True] * 2
+    assert read_run(whole)[0]["exchanges"] == exchanges
     # Rounds end at 2, 3 (a checkpoint), 5, 6 (a checkpoint), 8: stopped after three rounds and one row.
     stopped = run(*options, name="stopped", stop_after=3 * 2 + 1)
     _, steps, _ = read_run(stopped)
@@ -256,6 +266,7 @@ def test_gossip_stopped_after_its_checkpoint_resumes_from_the_boundary(run):
     summary, steps, _ = read_run(stopped)
     assert summary["completed"] and summary["resumed_at_steps"] == [3]
     assert [r["step"] for r in steps] == [2, 3, 5, 6, 8]
+    assert summary["exchanges"] == exchanges
     assert same_model(whole, stopped)
     assert [(r["step"], r["loss"]) for r in steps] == [(r["step"], r["loss"]) for r in read_run(whole)[1]]
 
@@ -342,16 +353,26 @@ def test_parity_with_single_process_on_the_union_batch(run, loop_data, steps):
         np.testing.assert_allclose(ensemble[name].numpy(), value.numpy(), atol=1e-5, rtol=0, err_msg=name)
 
 
-@pytest.mark.parametrize("strategy", ["param-avg", "weighted-param-avg", "easgd", "gossip", "local"])
-def test_parity_with_the_same_math_in_one_process(run, loop_data, strategy):
-    seed, n_train, n, batch, steps, lr, period = 5, 1536, 3, 16, 6, 0.05, 4
-    period_args = [] if strategy == "local" else ["--sync-period", str(period)]
+@pytest.mark.parametrize("strategy, period, agg_prob", [
+    ("param-avg", 4, None), ("weighted-param-avg", 4, None), ("easgd", 4, None), ("gossip", 4, None),
+    ("elastic-gossip", 4, None), ("local", None, None),
+    # Rounds end at 2, 4 and 6; with seed 5 the pairing of the round at 2 skips its pair, the one at 4 keeps it.
+    ("gossip", 2, 0.5), ("elastic-gossip", 2, 0.5),
+])
+def test_parity_with_the_same_math_in_one_process(run, loop_data, strategy, period, agg_prob):
+    seed, n_train, n, batch, steps, lr = 5, 1536, 3, 16, 6, 0.05
+    period_args = [] if period is None else ["--sync-period", str(period)]
+    if agg_prob is not None:
+        period_args += ["--agg-prob", str(agg_prob)]
+        assert [bool((gossip_pairing(n, r, seed, "random", agg_prob) >= 0).any()) for r in range(2)] == [False, True]
     run_dir = run("-n", str(n), "--limit-train", str(n_train), "--batch-size", str(batch), "--max-steps", str(steps),
                   "--no-dropout", "--optimizer", "sgd", "--lr", str(lr), "--seed", str(seed), "--strategy", strategy,
                   *period_args)
     ensemble = model(run_dir)
     reference = reference_run(locate("fashion-mnist", loop_data), strategy, seed, n_train, n, batch, steps, lr,
-                              steps if strategy == "local" else period)
+                              period or steps, agg_prob or 1.0)
+    if agg_prob is not None:  # a round whose pairs all skip is no exchange
+        assert read_run(run_dir)[0]["exchanges"] == 1
     initial = build_model(seed, dropout=False).state_dict()
     for name, value in reference.items():
         assert not torch.equal(value, initial[name]), f"{name} did not train"

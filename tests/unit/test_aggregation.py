@@ -5,6 +5,7 @@ from libe_cnn.strategies.async_ import staleness_weight
 from libe_cnn.strategies.base import average_parameters
 from libe_cnn.strategies.base import reduce_in_order as reduce_gradients
 from libe_cnn.strategies.easgd import elastic_center_update, elastic_pull
+from libe_cnn.strategies.elastic_gossip import elastic_exchange
 from libe_cnn.strategies.gossip import gossip_pairing, pairwise_average
 from libe_cnn.strategies.weighted_param_avg import mix_parameters
 
@@ -163,6 +164,92 @@ def test_gossip_preserves_the_mean_of_the_workers(topology):
 def test_pairwise_average():
     a, b = grads(2, size=10)
     np.testing.assert_allclose(pairwise_average(a.copy(), b), (a + b) / 2, rtol=1e-6)
+
+
+# --- gossip with --agg-prob ---
+
+def pairs(peer: np.ndarray) -> set[tuple[int, int]]:
+    return {(i, int(j)) for i, j in enumerate(peer) if i < j}
+
+
+@pytest.mark.parametrize("n", [2, 3, 8])
+def test_agg_prob_one_is_the_pairing_without_it(n):
+    """Runs without --agg-prob draw the matchings they always drew: a random permutation from
+    (seed, round) paired off in order, or the ring's alternating edges."""
+    for r in range(6):
+        order = np.random.default_rng([7, r]).permutation(n)
+        matching = np.full(n, -1)
+        for i, j in zip(order[0::2], order[1::2]):
+            matching[i], matching[j] = j, i
+        assert gossip_pairing(n, r, 7, "random", agg_prob=1.0).tolist() == matching.tolist()
+        assert gossip_pairing(n, r, 7, "random").tolist() == matching.tolist()
+        assert gossip_pairing(n, r, 7, "ring", agg_prob=1.0).tolist() == gossip_pairing(n, r, 7, "ring").tolist()
+    assert gossip_pairing(4, 1, 0, "ring", agg_prob=1.0).tolist() == [3, 2, 1, 0]
+
+
+@pytest.mark.parametrize("topology", ["random", "ring"])
+def test_agg_prob_drops_pairs_of_the_same_matching(topology):
+    """A pair that does not exchange gets -1 for both; the others are the pairs the round had anyway,
+    and a pair kept at some probability is kept at every higher one (one draw per pair)."""
+    for r in range(20):
+        full = pairs(gossip_pairing(7, r, 3, topology))
+        kept = [pairs(gossip_pairing(7, r, 3, topology, agg_prob=p)) for p in (0.2, 0.5, 0.8, 1.0)]
+        for peer in (gossip_pairing(7, r, 3, topology, agg_prob=p) for p in (0.2, 0.5)):
+            assert is_matching(peer)
+        assert kept[0] <= kept[1] <= kept[2] <= kept[3] == full
+
+
+def test_small_agg_prob_skips_most_pairs():
+    rounds = [gossip_pairing(8, r, seed=1, topology="random", agg_prob=0.1) for r in range(400)]
+    exchanged = sum(len(pairs(peer)) for peer in rounds) / (400 * 4)
+    assert 0.06 < exchanged < 0.14, exchanged
+    # Whole rounds go by with no exchange at all, which the strategy does not count as one.
+    assert sum((peer < 0).all() for peer in rounds) > 200
+    half = [gossip_pairing(8, r, seed=1, topology="random", agg_prob=0.5) for r in range(400)]
+    assert 0.45 < sum(len(pairs(peer)) for peer in half) / (400 * 4) < 0.55
+
+
+def test_agg_prob_draws_are_seeded_per_round():
+    """The generator's draw and a resumed run's are the same: they depend on (seed, round) only."""
+    def draws(seed):
+        return [gossip_pairing(6, r, seed, "ring", agg_prob=0.5).tolist() for r in range(12)]
+
+    assert draws(4) == draws(4)
+    assert len({tuple(d) for d in draws(4)}) > 2  # the skips change from round to round
+    assert draws(4) != draws(5)  # the ring is the same for every seed: the skips are not
+
+
+# --- elastic gossip ---
+
+@pytest.mark.parametrize("alpha", [0.1, 0.25, 0.5])
+def test_elastic_exchange_preserves_the_pair_mean(alpha):
+    a, b = grads(2, size=50, seed=4)
+    mean_before = (a + b) / 2
+    a_new = elastic_exchange(a.copy(), b, alpha)  # each from the values both had before
+    b_new = elastic_exchange(b.copy(), a, alpha)
+    np.testing.assert_allclose((a_new + b_new) / 2, mean_before, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a_new, a - alpha * (a - b), rtol=1e-5, atol=1e-6)
+    # The gap shrinks by 1 - 2 alpha.
+    np.testing.assert_allclose(a_new - b_new, (1 - 2 * alpha) * (a - b), rtol=1e-4, atol=1e-5)
+
+
+def test_elastic_exchange_at_one_half_is_the_pairwise_average():
+    a, b = grads(2, size=50, seed=5)
+    np.testing.assert_allclose(elastic_exchange(a.copy(), b, 0.5), pairwise_average(a.copy(), b), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("agg_prob", [1.0, 0.5])
+def test_elastic_gossip_preserves_the_mean_of_the_workers(agg_prob):
+    workers = grads(6, size=40)
+    mean_before = np.mean(workers, axis=0)
+    for r in range(8):
+        peer = gossip_pairing(6, r, seed=0, topology="random", agg_prob=agg_prob)
+        sent = [w.copy() for w in workers]
+        for i, j in enumerate(peer):
+            if j >= 0:
+                elastic_exchange(workers[i], sent[j], 0.25)
+        np.testing.assert_allclose(np.mean(workers, axis=0), mean_before, rtol=1e-5, atol=1e-6)
+    assert np.var(workers, axis=0).mean() < np.var(grads(6, size=40), axis=0).mean()
 
 
 # --- async ---

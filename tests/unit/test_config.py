@@ -91,6 +91,15 @@ def test_cli_options_reach_the_config(tmp_path):
         ({"strategy": "weighted-param-avg", "mix_lambda": 1.5}, r"--mix-lambda must be in \(0, 1\]"),
         ({"strategy": "easgd", "elastic_alpha": 0.0}, "--elastic-alpha must be positive"),
         ({"strategy": "easgd", "n_workers": 4, "elastic_alpha": 0.3}, "at most 1/N"),
+        ({"strategy": "param-avg", "elastic_alpha": 0.1},
+         r"--elastic-alpha does not apply to --strategy param-avg \(only to easgd, elastic-gossip\)"),
+        ({"strategy": "elastic-gossip", "elastic_alpha": 0.0}, r"--elastic-alpha must be in \(0, 0.5\] for elastic"),
+        ({"strategy": "elastic-gossip", "elastic_alpha": 0.6}, r"--elastic-alpha must be in \(0, 0.5\] for elastic"),
+        ({"strategy": "elastic-gossip", "mix_lambda": 0.5}, "--mix-lambda does not apply"),
+        ({"strategy": "gossip", "agg_prob": 0.0}, r"--agg-prob must be in \(0, 1\]"),
+        ({"strategy": "elastic-gossip", "agg_prob": 1.5}, r"--agg-prob must be in \(0, 1\]"),
+        ({"strategy": "elastic-gossip", "agg_prob": float("nan")}, r"--agg-prob must be in \(0, 1\]"),
+        ({"strategy": "easgd", "agg_prob": 0.5}, r"--agg-prob does not apply to --strategy easgd \(only to gossip, "),
         ({"strategy": "async", "max_staleness": -1}, "--max-staleness must be at least 0"),
         ({"strategy": "param-avg", "on_nonfinite": "skip"}, "--on-nonfinite skip applies only to sync and async"),
         ({"on_nonfinite": "ignore"}, "--on-nonfinite must be one of"),
@@ -115,9 +124,44 @@ def test_strategy_defaults_fill_only_what_applies(tmp_path):
     assert elastic_alpha(easgd) == pytest.approx(0.45)
     assert elastic_alpha(dataclasses.replace(easgd, n_workers=3)) == pytest.approx(0.3)
     assert elastic_alpha(cfg(strategy="easgd", elastic_alpha=0.1)) == 0.1
+    assert cfg(strategy="gossip").agg_prob == 1.0 and cfg(strategy="gossip").elastic_alpha is None
+    elastic_gossip = cfg(strategy="elastic-gossip", n_workers=4)
+    assert (elastic_gossip.elastic_alpha, elastic_gossip.agg_prob, elastic_gossip.gossip_topology,
+            elastic_gossip.sync_period) == (0.25, 1.0, "random", 4)
+    assert cfg(strategy="easgd").agg_prob is None
+    # Each strategy checks --elastic-alpha its own way: 0.5 is gossip's average for a pair, but
+    # more than easgd's 1/N with 4 workers.
+    assert cfg(strategy="elastic-gossip", n_workers=4, elastic_alpha=0.5).elastic_alpha == 0.5
+    with pytest.raises(UserError, match="at most 1/N"):
+        cfg(strategy="easgd", n_workers=4, elastic_alpha=0.5)
     # A saved config rebuilds to the same config (what the workers do with it).
-    saved = cfg(strategy="gossip", sync_period=8).public_dict()
-    assert TrainConfig(**saved).public_dict() == saved
+    for saved in (cfg(strategy="gossip", sync_period=8).public_dict(),
+                  cfg(strategy="elastic-gossip", agg_prob=0.5).public_dict()):
+        assert TrainConfig(**saved).public_dict() == saved
+
+
+def test_versions_of_one_option_parse_alike_and_each_has_its_help(tmp_path):
+    """Strategies may share a field (easgd's and elastic-gossip's --elastic-alpha): the command line
+    parses it once, and --help gives each version's range and default."""
+    from libe_cnn import strategies
+    from libe_cnn.config import build_parser
+
+    for option in strategies.all_options().values():
+        versions = strategies.option_versions(option)
+        assert {(o.name, o.flag, o.type, o.choices, o.metavar) for o in versions} == \
+            {(option.name, option.flag, option.type, option.choices, option.metavar)}
+        assert [name for names in versions.values() for name in names] == strategies.takers(option)
+    alpha = strategies.all_options()["elastic_alpha"]
+    assert [tuple(names) for names in strategies.option_versions(alpha).values()] == [("easgd",), ("elastic-gossip",)]
+    helps = {a.dest: a.help for a in build_parser()._actions}
+    assert helps["elastic_alpha"] == ("easgd: moving rate of workers and center (at most 1/N) (default: 0.9/N); "
+                                      "elastic-gossip: how far each of a pair moves toward the other "
+                                      "(at most 0.5; 0.5 is gossip's average) (default: 0.25)")
+    assert helps["agg_prob"].startswith("gossip, elastic-gossip: ") and helps["agg_prob"].endswith("(default: 1.0)")
+    assert helps["sync_period"].startswith("param-avg, weighted-param-avg, easgd, gossip, elastic-gossip: ")
+    cfg = config_from_args(["--strategy", "elastic-gossip", "--elastic-alpha", "0.4", "--agg-prob", "0.5",
+                            "--run-dir", str(tmp_path / "r")])
+    assert (cfg.elastic_alpha, cfg.agg_prob) == (0.4, 0.5)
 
 
 def test_redis_choices(tmp_path, monkeypatch):
@@ -155,9 +199,51 @@ def test_resume_takes_the_saved_config_and_only_the_options_that_may_change(tmp_
         config_from_args(["--resume", str(run_dir), "--lr", "0.1"])
     with pytest.raises(UserError, match="--sync-period cannot change"):
         config_from_args(["--resume", str(run_dir), "--sync-period", "8"])
+    with pytest.raises(UserError, match="--agg-prob cannot change"):  # which pairs exchange: the math
+        config_from_args(["--resume", str(run_dir), "--agg-prob", "0.5"])
     (run_dir / "config.json").write_text('{"lr": 0.1, "colour": "red"}')
     with pytest.raises(UserError, match="not a configuration this tool wrote"):
         config_from_args(["--resume", str(run_dir)])
+
+
+def test_a_run_saved_before_later_options_existed_resumes_with_their_defaults(tmp_path, monkeypatch):
+    from libe_cnn.config import ADDED_FIELDS
+
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    saved = config_from_args(["-n", "4", "--run-dir", str(tmp_path)]).public_dict()
+    for name in ADDED_FIELDS:
+        del saved[name]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    resumed = config_from_args(["--resume", str(tmp_path)])
+    assert (resumed.bucket_mb, resumed.reduce_topology, resumed.redis_servers) == (1.0, None, 1)
+    saved.pop("n_workers")  # a field every saved run has
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(UserError, match="fields missing or unknown: n_workers"):
+        config_from_args(["--resume", str(tmp_path)])
+
+
+def test_redis_servers_and_reduce_topology_are_checked(tmp_path):
+    with pytest.raises(UserError, match="--redis-servers must be at least 1"):
+        TrainConfig(redis_servers=0, run_dir=str(tmp_path))
+    with pytest.raises(UserError, match="--redis-servers starts private servers and --redis-host names one"):
+        TrainConfig(redis_servers=2, redis_host="h", run_dir=str(tmp_path))
+    with pytest.raises(UserError, match="--redis-port fixes the port of one private server"):
+        TrainConfig(redis_servers=2, redis_port=7000, run_dir=str(tmp_path))
+    with pytest.raises(UserError, match="--reduce-topology does not apply"):
+        TrainConfig(strategy="async", reduce_topology="ring", run_dir=str(tmp_path))
+    with pytest.raises(UserError, match="--reduce-topology must be one of star, ring"):
+        TrainConfig(reduce_topology="tree", run_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("comms, n, topology", [("local", 2, "star"), ("local", 16, "star"), ("mpi", 3, "star"),
+                                                ("mpi", 4, "ring"), ("mpi", 64, "ring")])
+def test_sync_chooses_its_topology_by_comms_and_n_unless_told(tmp_path, comms, n, topology):
+    from libe_cnn.strategies.sync import reduce_topology
+
+    where = {"comms": comms, "redis_bind": "0.0.0.0"} if comms == "mpi" else {}
+    assert reduce_topology(TrainConfig(n_workers=n, run_dir=str(tmp_path), **where)) == topology
+    told = "star" if topology == "ring" else "ring"
+    assert reduce_topology(TrainConfig(n_workers=n, reduce_topology=told, run_dir=str(tmp_path), **where)) == told
 
 
 @pytest.mark.parametrize("saved", ["{}", '{"lr": 0.1}', "[]"])
@@ -175,6 +261,8 @@ def test_resume_of_a_config_missing_fields_is_one_line(tmp_path, capsys, saved):
 def test_peer_strategies_need_two_workers(tmp_path):
     with pytest.raises(UserError, match="--strategy gossip exchanges parameters between workers: it needs -n 2"):
         TrainConfig(strategy="gossip", n_workers=1, run_dir=str(tmp_path))
+    with pytest.raises(UserError, match="--strategy elastic-gossip exchanges parameters between workers"):
+        TrainConfig(strategy="elastic-gossip", n_workers=1, run_dir=str(tmp_path))
     cfg = TrainConfig(strategy="gossip", n_workers=2, run_dir=str(tmp_path))
     with pytest.raises(UserError, match="needs -n 2"):  # an MPI launch sets N after parsing
         dataclasses.replace(cfg, n_workers=1)

@@ -1,0 +1,196 @@
+"""The generator's side of sync's streamed exchange (libe_cnn/stream.py has the names, the
+layout and the workers' side): wait for a step's gradient buckets, reduce them into the
+parent's gradient in shard order, and publish the new parameters bucket by bucket.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from libe_cnn.buckets import Bucket
+from libe_cnn.reduction import reduce_in_order
+from libe_cnn.store import ServerGroup, TensorStore
+from libe_cnn.stream import (
+    GRAD_ARRIVALS,
+    GRAD_REDUCED,
+    Layout,
+    grad_name,
+    params_name,
+    params_ready,
+    parse_grad_token,
+    parse_reduced_token,
+    reduced_name,
+)
+from libe_cnn.wire import from_wire
+
+
+@dataclass
+class StepGradients:
+    """One step's gradients, reduced into the parent's gradient buffer."""
+
+    good: list[int]  # the shards whose gradient counted
+    losses: list[float]  # each worker's training loss, in shard order
+    wait_s: float = 0.0  # blocked waiting for buckets
+    fetch_s: float = 0.0
+    reduce_s: float = 0.0
+    last_arrival: float = 0.0  # when the step's last bucket arrived
+    keys: list[tuple[TensorStore, str]] = field(default_factory=list)  # what the step left in the store
+
+
+def step_keys(servers: ServerGroup, layout: Layout, step: int) -> list[tuple[TensorStore, str]]:
+    """ring: what a step leaves in the store, every worker's chunks and the reduced ones, by server."""
+    n, key = layout.n_chunks, servers.stores[0].key
+    return ([(servers.home(s), key(grad_name(step, s, b.index, c))) for b in layout.buckets for s in range(n)
+             for c in range(n)]
+            + [(servers.home(c), key(reduced_name(step, b.index, c))) for b in layout.buckets for c in range(n)])
+
+
+def reduce_step(run, step: int, layout: Layout) -> StepGradients | None:
+    """Wait for `step`'s gradients and reduce them into the parent's gradient, bucket by
+    bucket; None if the manager stops the run meanwhile."""
+    return (_reduce_reduced if layout.ring else _reduce_copies)(run, step, layout)
+
+
+def _reduce_copies(run, step: int, layout: Layout) -> StepGradients | None:
+    """star: reduce each bucket once all N workers' copies are there.
+
+    A worker with a non-finite bucket is left out of every bucket (--on-nonfinite skip), so
+    buckets reduced before that was known are reduced again without it: the math is that of
+    reducing whole gradients.
+    """
+    n, parent, mode = run.n, run.parent, run.cfg.reduce
+    buckets = layout.buckets
+    copies: list[dict[int, np.ndarray]] = [{} for _ in buckets]
+    losses: dict[int, float] = {}
+    bad: set[int] = set()
+    reduced_over: dict[int, list[int]] = {}
+    got = StepGradients([], [])
+    while any(len(c) < n for c in copies):
+        t0 = time.perf_counter()
+        tokens = run.messages.next_tokens(GRAD_ARRIVALS)
+        t1 = time.perf_counter()
+        got.wait_s += t1 - t0
+        if tokens is None:
+            run.servers.evict(got.keys)
+            return None
+        arrived = [parse_grad_token(t) for t in tokens]
+        for sent_at, shard, index, _ in arrived:
+            if sent_at != step or not 0 <= index < len(buckets) or shard in copies[index]:
+                raise RuntimeError(f"unexpected gradient bucket {index} of step {sent_at} from worker {shard + 1} "
+                                   f"during step {step}")
+        names = [(shard, grad_name(step, shard, index, 0)) for _, shard, index, _ in arrived]
+        got.keys += [(run.servers.home(shard), run.store.key(name)) for shard, name in names]
+        arrays = run.servers.get_many(names)
+        t2 = time.perf_counter()
+        got.fetch_s += t2 - t1
+        for (_, shard, index, loss), array in zip(arrived, arrays):
+            copies[index][shard] = from_wire(array, run.cfg.wire_dtype)
+            losses[shard] = loss
+            if len(copies[index]) == n:
+                got.last_arrival = t1
+                good = [s for s in range(n) if s not in bad]
+                # A NaN or inf in any copy makes the reduced bucket non-finite: only then look at each copy.
+                if good and not parent.reduce_bucket(buckets[index], [copies[index][s] for s in good], mode):
+                    ordered = [copies[index][s] for s in range(n)]
+                    bad.update(run.screen(ordered, range(n), step + 1, "gradient"))
+                if good:
+                    reduced_over[index] = good
+        got.reduce_s += time.perf_counter() - t2
+    t3 = time.perf_counter()
+    got.good = [s for s in range(n) if s not in bad]
+    for index, shards in reduced_over.items():
+        if shards != got.good and got.good:
+            parent.reduce_bucket(buckets[index], [copies[index][s] for s in got.good], mode)
+    got.reduce_s += time.perf_counter() - t3
+    got.losses = [losses[s] for s in range(n)]
+    return got
+
+
+def _reduce_reduced(run, step: int, layout: Layout) -> StepGradients | None:
+    """ring: read each bucket's N reduced chunks (one model's worth in all) into the parent's gradient.
+
+    The workers name whoever sent NaN or inf; the rare step with one is reduced here again
+    from the gradients the workers left in the store, without them (--on-nonfinite skip).
+    """
+    n, parent = run.n, run.parent
+    pending = {(b.index, c) for b in layout.buckets for c in range(n)}
+    bad: set[int] = set()
+    got = StepGradients([], [], keys=step_keys(run.servers, layout, step))
+    while pending:
+        t0 = time.perf_counter()
+        tokens = run.messages.next_tokens(GRAD_REDUCED)
+        t1 = time.perf_counter()
+        got.wait_s += t1 - t0
+        if tokens is None:
+            run.servers.evict(got.keys)
+            return None
+        arrived = [parse_reduced_token(t) for t in tokens]
+        for sent_at, index, chunk, nonfinite, got.losses in arrived:
+            if sent_at != step or (index, chunk) not in pending:
+                raise RuntimeError(f"unexpected reduced chunk {chunk} of bucket {index} of step {sent_at} "
+                                   f"during step {step}")
+            pending.remove((index, chunk))
+            bad.update(nonfinite)
+        names = [(chunk, reduced_name(step, index, chunk)) for _, index, chunk, _, _ in arrived]
+        for (_, index, chunk, _, _), array in zip(arrived, run.servers.get_many(names)):
+            start, stop = layout.chunks(index)[chunk]
+            parent.host_grad[start:stop] = array
+        got.last_arrival = t1
+        got.fetch_s += time.perf_counter() - t1
+    t2 = time.perf_counter()
+    run.messages.nonfinite(sorted(bad), step + 1, "gradient")
+    got.good = [s for s in range(n) if s not in bad]
+    if bad and got.good:
+        for b in layout.buckets:
+            for chunk, (start, stop) in enumerate(layout.chunks(b.index)):
+                copies = [from_wire(a, run.cfg.wire_dtype) for a in
+                          run.servers.get_many([(s, grad_name(step, s, b.index, chunk)) for s in got.good])]
+                reduce_in_order(copies, parent.host_grad[start:stop], run.cfg.reduce)
+    got.reduce_s = time.perf_counter() - t2
+    return got
+
+
+def publish(run, layout: Layout, version: int, bucket: Bucket) -> None:
+    """Put one bucket of the parent's parameters (chunk by chunk, each on its owner's server)
+    and tell every worker it is there."""
+    run.servers.put_many([(chunk, params_name(version, bucket.index, chunk), run.parent.slice_for_wire(start, stop))
+                          for chunk, (start, stop) in enumerate(layout.chunks(bucket.index))])
+    run.store.notify([params_ready(s) for s in range(run.n)], f"{version} {bucket.index}")
+
+
+class Publisher:
+    """Publishes each bucket of the new parameters as soon as it is stepped (the workers wait for it).
+
+    An error is kept until the whole step is taken, so that the run keeps that step.
+    """
+
+    def __init__(self, run, layout: Layout, version: int | None) -> None:
+        self.run, self.layout, self.version = run, layout, version  # version None: the last step, nothing to publish
+        self.seconds = 0.0
+        self.first_at: float | None = None  # when the first bucket was out: what the workers wait for
+        self.error: Exception | None = None
+
+    def __call__(self, bucket) -> None:
+        if self.version is None or self.error is not None:
+            return
+        t0 = time.perf_counter()
+        try:
+            publish(self.run, self.layout, self.version, bucket)
+        except Exception as e:  # noqa: BLE001 - raised by raise_error once the step is complete
+            self.error = e
+        self.seconds += time.perf_counter() - t0
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def params_keys(run, layout: Layout, version: int) -> list[tuple[TensorStore, str]]:
+    """Where the parameters of `version` are in the store."""
+    return [(run.servers.home(c), run.store.key(params_name(version, b.index, c)))
+            for b in layout.buckets for c in range(layout.n_chunks)]
