@@ -39,6 +39,17 @@ class StepGradients:
     last_arrival: float = 0.0  # when the step's last bucket arrived
     keys: list[tuple[TensorStore, str]] = field(default_factory=list)  # what the step left in the store
 
+    def wait(self, run, queue: str) -> tuple[list[str] | None, float]:
+        """The next tokens of `queue`, and when they came; None (with the step's keys evicted)
+        if the manager stops the run meanwhile."""
+        t0 = time.perf_counter()
+        tokens = run.messages.next_tokens(queue)
+        t1 = time.perf_counter()
+        self.wait_s += t1 - t0
+        if tokens is None:
+            run.servers.evict(self.keys)
+        return tokens, t1
+
 
 def step_keys(servers: ServerGroup, layout: Layout, step: int) -> list[tuple[TensorStore, str]]:
     """ring: what a step leaves in the store, every worker's chunks and the reduced ones, by server."""
@@ -69,12 +80,8 @@ def _reduce_copies(run, step: int, layout: Layout) -> StepGradients | None:
     reduced_over: dict[int, list[int]] = {}
     got = StepGradients([], [])
     while any(len(c) < n for c in copies):
-        t0 = time.perf_counter()
-        tokens = run.messages.next_tokens(GRAD_ARRIVALS)
-        t1 = time.perf_counter()
-        got.wait_s += t1 - t0
+        tokens, t1 = got.wait(run, GRAD_ARRIVALS)
         if tokens is None:
-            run.servers.evict(got.keys)
             return None
         arrived = [parse_grad_token(t) for t in tokens]
         for sent_at, shard, index, _ in arrived:
@@ -120,12 +127,8 @@ def _reduce_reduced(run, step: int, layout: Layout) -> StepGradients | None:
     bad: set[int] = set()
     got = StepGradients([], [], keys=step_keys(run.servers, layout, step))
     while pending:
-        t0 = time.perf_counter()
-        tokens = run.messages.next_tokens(GRAD_REDUCED)
-        t1 = time.perf_counter()
-        got.wait_s += t1 - t0
+        tokens, t1 = got.wait(run, GRAD_REDUCED)
         if tokens is None:
-            run.servers.evict(got.keys)
             return None
         arrived = [parse_reduced_token(t) for t in tokens]
         for sent_at, index, chunk, nonfinite, got.losses in arrived:
