@@ -15,7 +15,7 @@ from libe_cnn.config import TrainConfig
 from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters, host_array, push_host_array
 from libe_cnn.rundir import save_state_dict
 from libe_cnn.runtime import all_cores
-from libe_cnn.reduction import reduce_in_order
+from libe_cnn.reduction import reduce_in_order, reduce_is_finite
 from libe_cnn.wire import to_wire
 from mnist.model import build_model, evaluate, make_optimizer
 
@@ -62,9 +62,7 @@ class ParentModel:
 
         The math is elementwise: bucket by bucket it gives the same bits as `apply`'s whole buffer.
         """
-        out = reduce_in_order(grads, self.host_grad[bucket.start : bucket.stop], mode)
-        # One pass: a NaN or inf anywhere makes the sum NaN or inf (so may an overflow: the caller checks).
-        return bool(np.isfinite(out.sum()))
+        return reduce_is_finite(grads, self.host_grad[bucket.start : bucket.stop], mode)
 
     def step(self) -> None:
         """One optimizer step on the reduced gradient."""

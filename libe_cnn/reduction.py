@@ -35,3 +35,12 @@ def reduce_in_order(buffers, out: np.ndarray, mode: str = "sum") -> np.ndarray:
     elif mode != "sum":
         raise ValueError(f"unknown reduction {mode!r}")
     return out
+
+
+def reduce_is_finite(buffers, out: np.ndarray, mode: str = "sum") -> bool:
+    """reduce_in_order, then whether the result is finite.
+
+    One pass: a NaN or inf in any buffer makes the sum NaN or inf (so may an overflow), so
+    each buffer needs looking at only when this says no.
+    """
+    return bool(np.isfinite(reduce_in_order(buffers, out, mode).sum()))

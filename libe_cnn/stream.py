@@ -44,7 +44,7 @@ from torch import nn
 from libe_cnn.buckets import Bucket, buckets_of_modules, chunk_bounds
 from libe_cnn.flat import copy_into
 from libe_cnn.store import ServerGroup
-from libe_cnn.reduction import finite, reduce_in_order
+from libe_cnn.reduction import finite, reduce_is_finite
 from libe_cnn.wire import from_wire, to_wire
 
 
@@ -212,9 +212,9 @@ class ChunkReducer:
                     got = copies[(step, index)]
                     if len(got) < self.n:
                         continue
-                    ordered = [got[s] for s in range(self.n)]
-                    out = reduce_in_order(ordered, self._out[index], self.mode)
-                    bad = [] if np.isfinite(out.sum()) else [s for s in range(self.n) if not finite(ordered[s])]
+                    ordered, out = [got[s] for s in range(self.n)], self._out[index]
+                    bad = ([] if reduce_is_finite(ordered, out, self.mode) else
+                           [s for s in range(self.n) if not finite(ordered[s])])
                     home.put(out, reduced_name(step, index, self.shard))
                     by_shard = losses.pop((step, index))
                     control.notify(self.report_to, reduced_token(step, index, self.shard, bad,

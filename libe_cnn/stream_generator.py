@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -57,6 +58,26 @@ def step_keys(servers: ServerGroup, layout: Layout, step: int) -> list[tuple[Ten
     return ([(servers.home(s), key(grad_name(step, s, b.index, c))) for b in layout.buckets for s in range(n)
              for c in range(n)]
             + [(servers.home(c), key(reduced_name(step, b.index, c))) for b in layout.buckets for c in range(n)])
+
+
+def read_reduced(servers: ServerGroup, layout: Layout, step: int, tokens: list[str], pending: set[tuple[int, int]],
+                 write: Callable[[int, int, np.ndarray], None]) -> tuple[set[int], list[float]]:
+    """The reduced chunks that `tokens` announce, each handed to write(start, stop, array) and
+    taken out of `pending` (bucket, chunk) pairs of `step`; returns the workers they name
+    non-finite, and the workers' losses."""
+    arrived = [parse_reduced_token(t) for t in tokens]
+    bad: set[int] = set()
+    losses: list[float] = []
+    for sent_at, index, chunk, nonfinite, losses in arrived:
+        if sent_at != step or (index, chunk) not in pending:
+            raise RuntimeError(f"unexpected reduced chunk {chunk} of bucket {index} of step {sent_at} "
+                               f"during step {step}")
+        pending.remove((index, chunk))
+        bad.update(nonfinite)
+    arrays = servers.get_many([(chunk, reduced_name(step, index, chunk)) for _, index, chunk, _, _ in arrived])
+    for (_, index, chunk, _, _), array in zip(arrived, arrays):
+        write(*layout.chunks(index)[chunk], array)
+    return bad, losses
 
 
 def reduce_step(run, step: int, layout: Layout) -> StepGradients | None:
@@ -130,17 +151,9 @@ def _reduce_reduced(run, step: int, layout: Layout) -> StepGradients | None:
         tokens, t1 = got.wait(run, GRAD_REDUCED)
         if tokens is None:
             return None
-        arrived = [parse_reduced_token(t) for t in tokens]
-        for sent_at, index, chunk, nonfinite, got.losses in arrived:
-            if sent_at != step or (index, chunk) not in pending:
-                raise RuntimeError(f"unexpected reduced chunk {chunk} of bucket {index} of step {sent_at} "
-                                   f"during step {step}")
-            pending.remove((index, chunk))
-            bad.update(nonfinite)
-        names = [(chunk, reduced_name(step, index, chunk)) for _, index, chunk, _, _ in arrived]
-        for (_, index, chunk, _, _), array in zip(arrived, run.servers.get_many(names)):
-            start, stop = layout.chunks(index)[chunk]
-            parent.host_grad[start:stop] = array
+        nonfinite, got.losses = read_reduced(run.servers, layout, step, tokens, pending,
+                                             lambda start, stop, array: np.copyto(parent.host_grad[start:stop], array))
+        bad.update(nonfinite)
         got.last_arrival = t1
         got.fetch_s += time.perf_counter() - t1
     t2 = time.perf_counter()

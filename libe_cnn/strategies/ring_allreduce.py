@@ -22,8 +22,8 @@ from libe_cnn.store import ServerGroup
 from libe_cnn.strategies.base import Strategy
 from libe_cnn.strategies.sync import BUCKET_MB
 from libe_cnn import stream
-from libe_cnn.stream import POLL_S, Layout, Stopped, parse_reduced_token, reduced_for, reduced_name
-from libe_cnn.stream_generator import step_keys
+from libe_cnn.stream import POLL_S, Layout, Stopped, reduced_for
+from libe_cnn.stream_generator import read_reduced, step_keys
 
 
 def gather_reduced(servers: ServerGroup, shard: int, layout: Layout, step: int, flat: torch.Tensor,
@@ -40,17 +40,9 @@ def gather_reduced(servers: ServerGroup, shard: int, layout: Layout, step: int, 
             if stopped():
                 raise Stopped()
             continue
-        arrived = [parse_reduced_token(t) for t in tokens]
-        for sent_at, index, chunk, nonfinite, _ in arrived:
-            if sent_at != step or (index, chunk) not in pending:
-                raise RuntimeError(f"worker {shard + 1} got reduced chunk {chunk} of bucket {index} of step "
-                                   f"{sent_at} during step {step}")
-            pending.remove((index, chunk))
-            bad.update(nonfinite)
-        arrays = servers.get_many([(chunk, reduced_name(step, index, chunk)) for _, index, chunk, _, _ in arrived])
-        for (_, index, chunk, _, _), array in zip(arrived, arrays):
-            start, stop = layout.chunks(index)[chunk]
-            copy_into(flat[start:stop], array)
+        nonfinite, _ = read_reduced(servers, layout, step, tokens, pending,
+                                           lambda start, stop, array: copy_into(flat[start:stop], array))
+        bad.update(nonfinite)
     return sorted(bad)
 
 
