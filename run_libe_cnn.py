@@ -20,7 +20,8 @@ from contextlib import ExitStack, chdir
 from pathlib import Path
 
 from libe_cnn import strategies
-from libe_cnn.config import TrainConfig, config_from_args
+from libe_cnn.cli import config_from_args
+from libe_cnn.config import TrainConfig
 from libe_cnn.errors import UserError
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from libe_cnn.config import OneLineParser
+from libe_cnn.cli import OneLineParser
 from libe_cnn.errors import UserError
 
 

@@ -511,7 +511,7 @@ def prepare_in_process(argv: list[str], redis_address, run_dir: Path | None):
     is then unused), create the run directory and write config.json. The Redis options are
     appended (they may change on a resume); the run's keys are deleted by run_plan.
     """
-    from libe_cnn.config import config_from_args
+    from libe_cnn.cli import config_from_args
     from run_libe_cnn import prepare
 
     resume = "--resume" in argv

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from libe_cnn.config import TrainConfig, config_from_args, parse_redis_url
+from libe_cnn.cli import config_from_args, parse_redis_url
+from libe_cnn.config import TrainConfig
 from libe_cnn.errors import UserError
 from libe_cnn.strategies.easgd import elastic_alpha
 
@@ -144,7 +145,7 @@ def test_versions_of_one_option_parse_alike_and_each_has_its_help(tmp_path):
     """Strategies may share a field (easgd's and elastic-gossip's --elastic-alpha): the command line
     parses it once, and --help gives each version's range and default."""
     from libe_cnn import strategies
-    from libe_cnn.config import build_parser
+    from libe_cnn.cli import build_parser
 
     for option in strategies.all_options().values():
         versions = strategies.option_versions(option)
@@ -207,7 +208,7 @@ def test_resume_takes_the_saved_config_and_only_the_options_that_may_change(tmp_
 
 
 def test_a_run_saved_before_later_options_existed_resumes_with_their_defaults(tmp_path, monkeypatch):
-    from libe_cnn.config import ADDED_FIELDS
+    from libe_cnn.cli import ADDED_FIELDS
 
     monkeypatch.delenv("REDIS_URL", raising=False)
     saved = config_from_args(["-n", "4", "--run-dir", str(tmp_path)]).public_dict()

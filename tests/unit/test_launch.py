@@ -3,7 +3,8 @@
 import shlex
 from pathlib import Path
 
-from libe_cnn.config import TrainConfig, config_from_args
+from libe_cnn.cli import config_from_args
+from libe_cnn.config import TrainConfig
 from libe_cnn.plan import DatasetFiles, RunPlan, steps_per_epoch
 from run_libe_cnn import launch_lines, main, oversubscription_warning, schedule_line
 

@@ -1,0 +1,195 @@
+"""The command line: its options, REDIS_URL, and --resume, into one checked TrainConfig."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+from libe_cnn import strategies
+from libe_cnn.config import (
+    COMMS,
+    DATASETS,
+    ON_NONFINITE,
+    OPTIMIZERS,
+    STRATEGIES,
+    WIRE_DTYPES,
+    TrainConfig,
+    dataset_default,
+)
+from libe_cnn.errors import UserError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, like every other error of the tool."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog="run_libe_cnn.py",
+        description="Data-parallel CNN training as a libEnsemble ensemble: "
+        "a parent-model generator and N streaming simulators.",
+    )
+    d = TrainConfig.__dataclass_fields__
+
+    g = p.add_argument_group("ensemble")
+    g.add_argument("-n", "--nworkers", dest="n_workers", type=int, default=d["n_workers"].default,
+                   help="number of simulators (data-parallel workers) (default: %(default)s)")
+    g.add_argument("--comms", choices=COMMS, default=d["comms"].default,
+                   help="libEnsemble comms; with mpi, launch with mpiexec -n N+1 (default: %(default)s)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=DATASETS, default=d["dataset"].default, help="(default: %(default)s)")
+    g.add_argument("--data-dir", default=None,
+                   help="dataset root, torchvision layout; only this directory is searched "
+                        "(default: ./data, then the system's copy)")
+    g.add_argument("--limit-train", type=int, default=None, metavar="K",
+                   help="train on the first K training samples only")
+    g.add_argument("--limit-test", type=int, default=None, metavar="K",
+                   help="evaluate on the first K test samples only (quicker evaluations)")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=None, help=f"(default: {dataset_default('epochs')})")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many steps (async, which counts single gradients: N times as many)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help=f"samples per worker per step (default: {dataset_default('batch_size')})")
+    g.add_argument("--lr", type=float, default=None, help=f"learning rate (default: {dataset_default('lr')})")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d["optimizer"].default, help="(default: %(default)s)")
+    g.add_argument("--wire-dtype", choices=WIRE_DTYPES, default=d["wire_dtype"].default,
+                   help="type of gradients and parameters on the wire; 16-bit halves the bytes (default: %(default)s)")
+    g.add_argument("--eval-every", type=int, default=None, metavar="K",
+                   help="also evaluate the parent model every K steps (always at each epoch end)")
+    g.add_argument("--seed", type=int, default=d["seed"].default, help="(default: %(default)s)")
+    g.add_argument("--no-dropout", dest="dropout", action="store_false",
+                   help="disable dropout (for exact comparisons)")
+    g.add_argument("--device", default=d["device"].default,
+                   help="simulators: auto (GPU = local rank %% GPUs on the node, else CPU), cpu, cuda or cuda:K "
+                        "(default: %(default)s)")
+    g.add_argument("--gen-device", default=d["gen_device"].default,
+                   help="the generator: auto (the node's first GPU, else CPU), cpu, cuda or cuda:K (default: %(default)s)")
+
+    g = p.add_argument_group("aggregation strategy (see README: Strategies)")
+    g.add_argument("--strategy", choices=STRATEGIES, default=d["strategy"].default,
+                   help="how workers combine their work (default: %(default)s)")
+    for option in strategies.all_options().values():
+        g.add_argument(option.flag, dest=option.name, type=option.type, choices=option.choices, default=None,
+                       metavar=option.metavar, help=strategies.option_help(option))
+    g.add_argument("--on-nonfinite", choices=ON_NONFINITE, default=d["on_nonfinite"].default,
+                   help="a gradient or model with NaN/inf: stop, keeping the last good parent, or "
+                        f"({', '.join(strategies.skipping_nonfinite())}) skip that worker's contribution and count it "
+                        "(default: %(default)s)")
+
+    g = p.add_argument_group("redis (default: a private server started for the run)")
+    g.add_argument("--redis-host", default=None, help="use this Redis server instead (also: REDIS_URL)")
+    g.add_argument("--redis-port", type=int, default=None,
+                   help="port of --redis-host (default: 6379) or of the private server (default: a free one)")
+    g.add_argument("--redis-bind", default=None, metavar="ADDR",
+                   help="start the private server listening on ADDR, e.g. 0.0.0.0 for other nodes "
+                        "(default: 127.0.0.1); it always requires a password")
+    g.add_argument("--redis-password", default=None,
+                   help="password of --redis-host (prefer REDIS_URL or REDISCLI_AUTH: arguments are visible)")
+    g.add_argument("--redis-servers", type=int, default=d["redis_servers"].default, metavar="K",
+                   help="start K private servers and spread the workers' traffic over them, consecutive workers "
+                        "sharing one as the workers of a node would (default: %(default)s)")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--run-dir", default=None, help="where to write the run (default: runs/<timestamp>)")
+    g.add_argument("--checkpoint-every", type=int, default=None, metavar="K",
+                   help="also write checkpoint.pt every K steps (always at each epoch end and at the end)")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue a stopped run from its checkpoint, in place; only the options "
+                        f"{', '.join(RESUME_OPTIONS)} may change")
+    g.add_argument("--print-launch", action="store_true",
+                   help="print the command lines that run these options on two nodes, and exit")
+    return p
+
+
+def parse_redis_url(url: str) -> tuple[str, int, str | None]:
+    """Host, port and password from redis://[:password@]host[:port][/db]."""
+    parsed = urlparse(url)
+    if parsed.scheme != "redis" or not parsed.hostname:
+        raise UserError(f"REDIS_URL must look like redis://:PASSWORD@HOST:PORT (got scheme {parsed.scheme!r})")
+    return parsed.hostname, parsed.port or 6379, parsed.password
+
+
+# What may differ when a run is resumed: how long it trains, how often it reports, and
+# where it runs. Everything else would make the resumed run a different experiment.
+RESUME_OPTIONS = ("--epochs", "--max-steps", "--eval-every", "--limit-test", "--checkpoint-every", "--on-nonfinite",
+                  "--bucket-mb", "--reduce-topology", "--device", "--gen-device", "--comms", "--redis-host",
+                  "--redis-port", "--redis-bind", "--redis-password", "--redis-servers")
+
+
+# Fields added after the first release, with the value that gives a run saved before them the
+# math it had (none of them changes it).
+ADDED_FIELDS = {"bucket_mb": None, "reduce_topology": None, "redis_servers": 1, "agg_prob": None}
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    """Parse the command line (and REDIS_URL) into a checked TrainConfig."""
+    parser = build_parser()
+    values = vars(parser.parse_args(argv))
+    del values["print_launch"]  # an action, not part of a run's configuration
+    resume = values.pop("resume")
+    if resume is not None:
+        values = resumed_values(resume, given_options(parser, argv))
+    url = os.environ.get("REDIS_URL")
+    if url and values["redis_host"] is None and values["redis_bind"] is None:
+        host, port, password = parse_redis_url(url)
+        values["redis_host"] = host
+        values["redis_port"] = values["redis_port"] or port
+        values["redis_password"] = values["redis_password"] or password
+    if values["redis_password"] is None and values["redis_host"] is not None:
+        values["redis_password"] = os.environ.get("REDISCLI_AUTH")
+    return TrainConfig(**values)
+
+
+def given_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict:
+    """Only the options present on the command line, by destination, with their values."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
+def resumed_values(run_dir: str, given: dict) -> dict:
+    """The saved configuration of the run in `run_dir`, with the options that may change."""
+    saved_path = Path(run_dir) / "config.json"
+    if not saved_path.is_file():
+        raise UserError(f"cannot resume {run_dir}: it has no config.json (is it a run directory?)")
+    try:
+        values = json.loads(saved_path.read_text())
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        if not isinstance(values, dict):
+            raise ValueError("not a JSON object")
+        # The tool saves every field: one missing or unknown means someone else's file, except
+        # fields added since a run may have been saved, which take their defaults.
+        for name in ADDED_FIELDS.keys() - values.keys():
+            values[name] = ADDED_FIELDS[name]
+        if set(values) != known:
+            odd = sorted(known ^ set(values))
+            raise ValueError(f"fields missing or unknown: {', '.join(odd[:4])}{' ...' if len(odd) > 4 else ''}")
+    except ValueError as e:
+        raise UserError(f"cannot resume {run_dir}: {saved_path} is not a configuration this tool wrote ({e})") from None
+    allowed = {option.removeprefix("--").replace("-", "_") for option in RESUME_OPTIONS}
+    if "run_dir" in given and Path(given.pop("run_dir")).resolve() != Path(run_dir).resolve():
+        raise UserError("--run-dir and --resume name different directories: give only --resume RUN_DIR")
+    for dest, value in given.items():
+        if dest in ("resume", "print_launch"):
+            continue
+        if dest not in allowed and value != values.get(dest):
+            flag = "-n" if dest == "n_workers" else "--" + dest.replace("_", "-")
+            raise UserError(f"{flag} cannot change when resuming (the run has {values.get(dest)}); "
+                            f"only {', '.join(RESUME_OPTIONS)} can: start a new run to change it")
+        values[dest] = value
+    if "redis_host" in given or "redis_bind" in given:  # a new choice of server replaces the saved one
+        for name in ("redis_host", "redis_bind", "redis_port"):
+            values[name] = given.get(name)
+    # The password was never saved; the run id names a new session in the store.
+    values.update(redis_password=given.get("redis_password"), run_id="", run_dir=run_dir, resume=True)
+    return values
