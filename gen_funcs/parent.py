@@ -26,7 +26,7 @@ class ParentModel:
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
         self.cfg = cfg
         self.device = device
-        self.model = build_model(cfg.seed, cfg.dropout, cfg.dataset).to(device)
+        self.model = build_model(cfg.seed, cfg.dropout, cfg.dataset, cfg.model).to(device)
         self.flat_params = flatten_parameters(self.model)
         self.flat_grad = flatten_gradients(self.model)
         on_cpu = device.type == "cpu"

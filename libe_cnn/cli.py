@@ -13,6 +13,10 @@ from libe_cnn import strategies
 from libe_cnn.config import (
     COMMS,
     DATASETS,
+    MODEL_NAMES,
+    PARALLELISMS,
+    PIPELINE_DEFAULTS,
+    SCHEDULES,
     ON_NONFINITE,
     OPTIMIZERS,
     STRATEGIES,
@@ -75,6 +79,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gen-device", default=d["gen_device"].default,
                    help="the generator: auto (the node's first GPU, else CPU), cpu, cuda or cuda:K (default: %(default)s)")
 
+    g = p.add_argument_group("model and parallelism (see README: Model parallelism)")
+    g.add_argument("--model", choices=MODEL_NAMES, default=d["model"].default,
+                   help="cnn: the dataset's own network; resnet18: ResNet-18 for small images; resnet18-narrow: "
+                        "the same at a quarter of the width (default: %(default)s)")
+    g.add_argument("--parallelism", choices=PARALLELISMS, default=d["parallelism"].default,
+                   help="data: every worker a whole model; pipeline: consecutive layers on consecutive workers "
+                        "(default: %(default)s)")
+    g.add_argument("--stages", type=int, default=None, metavar="K",
+                   help=f"pipeline: stages per replica; -n N runs N/K replicas (default: {PIPELINE_DEFAULTS['stages']})")
+    g.add_argument("--microbatches", type=int, default=None, metavar="M",
+                   help=f"pipeline: micro-batches per batch (default: {PIPELINE_DEFAULTS['microbatches']})")
+    g.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help=f"pipeline: the stages' order of forwards and backwards (default: {PIPELINE_DEFAULTS['schedule']})")
+    g.add_argument("--split", default=None,
+                   help="pipeline: where the stages are cut: time or memory (balance the stages' measured time or "
+                        "parameters), or the first layer of each stage after the first, e.g. 4,9 "
+                        f"(default: {PIPELINE_DEFAULTS['split']})")
+
     g = p.add_argument_group("aggregation strategy (see README: Strategies)")
     g.add_argument("--strategy", choices=STRATEGIES, default=d["strategy"].default,
                    help="how workers combine their work (default: %(default)s)")
@@ -128,7 +150,8 @@ RESUME_OPTIONS = ("--epochs", "--max-steps", "--eval-every", "--limit-test", "--
 
 # Fields added after the first release, with the value that gives a run saved before them the
 # math it had (none of them changes it).
-ADDED_FIELDS = {"bucket_mb": None, "reduce_topology": None, "redis_servers": 1, "agg_prob": None}
+ADDED_FIELDS = {"bucket_mb": None, "reduce_topology": None, "redis_servers": 1, "agg_prob": None, "model": "cnn",
+                "parallelism": "data", "stages": None, "microbatches": None, "schedule": None, "split": None}
 
 
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:

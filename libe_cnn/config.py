@@ -24,6 +24,13 @@ STRATEGIES = strategies.STRATEGIES
 ON_NONFINITE = ("stop", "skip")
 COMMS = ("local", "mpi")
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
+# cnn: the dataset's own network (mnist.model); the ResNets take the image datasets.
+MODEL_NAMES = ("cnn", "resnet18", "resnet18-narrow")
+PARALLELISMS = ("data", "pipeline")
+SCHEDULES = ("gpipe", "1f1b")
+SPLITS = ("time", "memory")  # balance the stages' measured time, or their parameters
+# The pipeline options and their defaults (--parallelism pipeline), by TrainConfig field.
+PIPELINE_DEFAULTS = {"stages": 2, "microbatches": 4, "schedule": "1f1b", "split": "time"}
 
 
 def dataset_default(name: str) -> str:
@@ -57,6 +64,14 @@ class TrainConfig:
     batch_size: int | None = None  # per worker and step; the global batch is n_workers * batch_size
     lr: float | None = None
     optimizer: str = "adam"
+    # --- model and parallelism ---
+    model: str = "cnn"
+    parallelism: str = "data"  # data: a whole model per worker; pipeline: consecutive layers per worker
+    # --parallelism pipeline only (None otherwise; PIPELINE_DEFAULTS fill them):
+    stages: int | None = None  # K: each replica is a pipeline of K workers (N/K replicas)
+    microbatches: int | None = None  # M: each batch goes through the pipeline in M micro-batches
+    schedule: str | None = None  # the order of each stage's forwards and backwards
+    split: str | None = None  # time, memory, or the first layer of stages 2..K ("4,9")
     # --- aggregation strategy: each one's options, defaults, checks and math in libe_cnn/strategies ---
     strategy: str = strategies.DEFAULT
     # The strategies' own options; None: not given (the chosen strategy's defaults fill its own).
@@ -109,6 +124,7 @@ class TrainConfig:
         need(self.eval_every is None or self.eval_every >= 1, "--eval-every must be at least 1")
         need(self.checkpoint_every is None or self.checkpoint_every >= 1, "--checkpoint-every must be at least 1")
         self._check_strategy(need)
+        self._check_parallelism(need)
         need(self.redis_port is None or 0 < self.redis_port < 65536,
              f"--redis-port must be 1-65535 (got {self.redis_port})")
         for flag, device in (("--device", self.device), ("--gen-device", self.gen_device)):
@@ -163,6 +179,43 @@ class TrainConfig:
         need(self.on_nonfinite == "stop" or chosen.skips_nonfinite,
              f"--on-nonfinite skip applies only to {' and '.join(strategies.skipping_nonfinite())} "
              f"(got --strategy {self.strategy}): a worker whose parameters went non-finite cannot be skipped")
+
+    def _check_parallelism(self, need) -> None:
+        need(self.model in MODEL_NAMES, f"--model must be one of {', '.join(MODEL_NAMES)} (got {self.model!r})")
+        need(self.model == "cnn" or self.dataset != "iris",
+             f"--model {self.model} takes images: use it with mnist, fashion-mnist or cifar10 (got --dataset iris)")
+        need(self.parallelism in PARALLELISMS,
+             f"--parallelism must be one of {', '.join(PARALLELISMS)} (got {self.parallelism!r})")
+        if self.parallelism == "data":
+            for name in PIPELINE_DEFAULTS:
+                need(getattr(self, name) is None, f"--{name} applies only to --parallelism pipeline")
+            return
+        for name, default in PIPELINE_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+        takers = [name for name, s in strategies.REGISTRY.items() if s.combines_pipelines]
+        need(strategies.strategy(self.strategy).combines_pipelines,
+             f"--parallelism pipeline combines its replicas' gradients as {' and '.join(takers)} does: "
+             f"--strategy {self.strategy} does not apply")
+        need(self.reduce_topology in (None, "star"), "--parallelism pipeline reduces at the generator "
+                                                     "(--reduce-topology star)")
+        k, m = self.stages, self.microbatches
+        need(k >= 2, f"--stages must be at least 2 (got {k}); one stage is --parallelism data")
+        need(self.n_workers % k == 0, f"-n {self.n_workers} is not a multiple of --stages {k}: "
+                                      "the run has N/K replicas of a K-stage pipeline")
+        need(m >= 1, f"--microbatches must be at least 1 (got {m})")
+        need(m <= self.batch_size, f"--microbatches {m} is more than --batch-size {self.batch_size}: "
+                                   "every micro-batch needs a sample")
+        need(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)} (got {self.schedule!r})")
+        need(self.split in SPLITS or re.fullmatch(r"\d+(,\d+)*", self.split) is not None,
+             f"--split must be time, memory or the first layer of each stage after the first, as in 4,9 "
+             f"(got {self.split!r})")
+
+    @property
+    def replicas(self) -> int:
+        """Workers that each hold a whole model (data parallelism) or pipelines of --stages workers:
+        the data is cut into this many shards."""
+        return self.n_workers // self.stages if self.parallelism == "pipeline" else self.n_workers
 
     def public_dict(self) -> dict:
         """The configuration as saved and printed: everything but the password."""

@@ -1,7 +1,11 @@
 """The networks, defined once for the standalone trainer, the generator and the simulators.
 
-The dataset chooses the network: the CNN for the 28 x 28 MNIST family, a deeper CNN for
-CIFAR-10's 3 x 32 x 32 colour images, a small MLP for Iris's four measurements.
+The dataset chooses the network (--model cnn): the CNN for the 28 x 28 MNIST family, a deeper
+CNN for CIFAR-10's 3 x 32 x 32 colour images, a small MLP for Iris's four measurements.
+
+Every network is also a chain of layers (`layers()`), the units a pipeline cuts into stages:
+running them one after the other is the network's forward, bit for bit, and their parameters,
+in order, are the network's.
 """
 
 from __future__ import annotations
@@ -10,6 +14,38 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class Apply(nn.Module):
+    """A parameter-free step of a forward (an activation, a pooling, a flatten) as a module."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def relu(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x)
+
+
+def flatten(x: torch.Tensor) -> torch.Tensor:
+    return torch.flatten(x, 1)
+
+
+def max_pool(x: torch.Tensor) -> torch.Tensor:
+    return F.max_pool2d(x, 2)
+
+
+def log_softmax(x: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(x, dim=1)
+
+
+def chain(*steps: nn.Module | object) -> nn.Sequential:
+    """One layer from modules and parameter-free functions, applied in order."""
+    return nn.Sequential(*(s if isinstance(s, nn.Module) else Apply(s) for s in steps))
 
 
 class Net(nn.Module):
@@ -32,6 +68,10 @@ class Net(nn.Module):
         x = self.dropout2(F.relu(self.fc1(x)))
         return F.log_softmax(self.fc2(x), dim=1)
 
+    def layers(self) -> list[nn.Module]:
+        return [chain(self.conv1, relu), chain(self.conv2, relu, max_pool, self.dropout1, flatten),
+                chain(self.fc1, relu, self.dropout2), chain(self.fc2, log_softmax)]
+
 
 class CifarNet(nn.Module):
     """Two blocks of conv-conv-pool (3->32->32, 32->64->64) -> fc(4096->256) -> fc(256->10)."""
@@ -52,6 +92,12 @@ class CifarNet(nn.Module):
         x = self.dropout2(F.relu(self.fc1(x)))
         return F.log_softmax(self.fc2(x), dim=1)
 
+    def layers(self) -> list[nn.Module]:
+        f = self.features
+        return [chain(f[0], f[1]), chain(f[2], f[3], f[4]), chain(f[5], f[6]),
+                chain(f[7], f[8], f[9], self.dropout1, flatten), chain(self.fc1, relu, self.dropout2),
+                chain(self.fc2, log_softmax)]
+
 
 class IrisNet(nn.Module):
     """fc(4->16) -> fc(16->3): four measurements of a flower to its species."""
@@ -64,15 +110,23 @@ class IrisNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(self.fc2(F.relu(self.fc1(x))), dim=1)
 
+    def layers(self) -> list[nn.Module]:
+        return [chain(self.fc1, relu), chain(self.fc2, log_softmax)]
+
 
 MODELS = {"mnist": Net, "fashion-mnist": Net, "cifar10": CifarNet, "iris": IrisNet}
 
 
-def build_model(seed: int, dropout: bool = True, dataset: str = "mnist") -> nn.Module:
-    """The dataset's model with its initial weights drawn from `seed` (same seed, same weights)."""
+def new_model(dataset: str = "mnist", model: str = "cnn", dropout: bool = True) -> nn.Module:
+    """The network --model names for the dataset, with torch's current random state drawing its weights."""
+    return MODELS[dataset](dropout=dropout)
+
+
+def build_model(seed: int, dropout: bool = True, dataset: str = "mnist", model: str = "cnn") -> nn.Module:
+    """The model with its initial weights drawn from `seed` (same seed, same weights)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MODELS[dataset](dropout=dropout)
+        return new_model(dataset, model, dropout)
 
 
 @torch.no_grad()

@@ -40,7 +40,7 @@ from libe_cnn.stream import ChunkReducer, GradientSender, Layout, ParameterLoade
 from libe_cnn.wire import from_wire, to_wire
 from sim_funcs.inbox import Inbox
 from mnist.data import BatchOrder, dropout_seed, load_shard
-from mnist.model import MODELS, load_optimizer_state_vector, make_optimizer, optimizer_state_vector
+from mnist.model import load_optimizer_state_vector, make_optimizer, new_model, optimizer_state_vector
 
 
 class ChildWorker:
@@ -55,7 +55,7 @@ class ChildWorker:
         self.images, self.labels = images.to(self.device), labels.to(self.device)
         self.batches = BatchOrder(len(labels), cfg.seed, shard, plan.steps_per_epoch, cfg.batch_size)
         # Its weights come from the generator: no need to draw them from the seed.
-        self.model = MODELS[cfg.dataset](dropout=cfg.dropout).to(self.device).train()
+        self.model = new_model(cfg.dataset, cfg.model, cfg.dropout).to(self.device).train()
         self.flat_params = flatten_parameters(self.model)
         self.flat_grad = flatten_gradients(self.model)
         self.store = TensorStore(plan.redis, cfg.run_id)

@@ -69,6 +69,8 @@ class Strategy:
     counts_gradients: bool = False
     # Each worker keeps parameters and optimizer state of its own, which checkpoints must hold.
     workers_keep_state: bool = False
+    # Combines the gradients of the replicas of a pipeline too (--parallelism pipeline).
+    combines_pipelines: bool = False
     counters: type[Counters] = field(default=NoCounters)
 
     @property

@@ -117,4 +117,5 @@ class Sync(Strategy):
 STRATEGY = Sync(
     "sync", "every step, the sum (or mean) of all workers' gradients, one optimizer step",
     options=(REDUCE, BUCKET_MB, REDUCE_TOPOLOGY), parent_optimizer=True, skips_nonfinite=True, counters=SyncCounters,
+    combines_pipelines=True,
 )
