@@ -1,7 +1,9 @@
 """The networks, defined once for the standalone trainer, the generator and the simulators.
 
-The dataset chooses the network (--model cnn): the CNN for the 28 x 28 MNIST family, a deeper
+With --model cnn the dataset chooses the network: the CNN for the 28 x 28 MNIST family, a deeper
 CNN for CIFAR-10's 3 x 32 x 32 colour images, a small MLP for Iris's four measurements.
+--model resnet18 and resnet18-narrow are ResNet-18 for the small images (`ResNet18`), with
+GroupNorm instead of BatchNorm so that micro-batches and shards compute what one batch would.
 
 Every network is also a chain of layers (`layers()`), the units a pipeline cuts into stages:
 running them one after the other is the network's forward, bit for bit, and their parameters,
@@ -114,12 +116,96 @@ class IrisNet(nn.Module):
         return [chain(self.fc1, relu), chain(self.fc2, log_softmax)]
 
 
+# GroupNorm, not BatchNorm: BatchNorm's statistics depend on the batch, so a pipeline's
+# micro-batches and the data-parallel shards would each normalise with other statistics than
+# one process on the whole batch, and its running statistics are buffers, which the trainer
+# does not exchange (only parameters travel). GroupNorm normalises each sample on its own.
+NORM_GROUPS = 8  # every width (16 ... 512) divides into 8 groups: 2 to 64 channels each
+
+
+def norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(NORM_GROUPS, channels)
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride, padding=1, bias=False)
+
+
+def global_pool(x: torch.Tensor) -> torch.Tensor:
+    return F.adaptive_avg_pool2d(x, 1)
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-norm-relu-conv3x3-norm plus the shortcut (a 1x1 conv and norm where the shape changes), relu."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1, self.norm1 = conv3x3(cin, cout, stride), norm(cout)
+        self.conv2, self.norm2 = conv3x3(cout, cout), norm(cout)
+        self.shortcut = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm(cout))
+                         if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.norm1(self.conv1(x)))
+        return F.relu(self.norm2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 (He et al., 2016) for small images, as usual for CIFAR, with GroupNorm.
+
+    A 3x3 stride-1 stem conv (no max-pool), then BasicBlocks [2, 2, 2, 2] at widths w, 2w, 4w,
+    8w (stride 2 and a 1x1 projection shortcut at the first block of stages 2-4), adaptive
+    average pool to 1x1, fc to `classes`, log-softmax. w = 64 is the standard ResNet-18
+    (11.17 M parameters on 3 x 32 x 32), w = 16 the narrow one for CPUs.
+
+    Every norm is GroupNorm (Wu and He, 2018) with NORM_GROUPS = 8 groups, not BatchNorm:
+    BatchNorm's statistics depend on the batch, so a pipeline's micro-batches and the
+    data-parallel shards would each compute other statistics than one process on the whole
+    batch, and its running statistics would be buffers the trainer does not exchange (only
+    parameters travel). GroupNorm is per sample: micro-batching and sharding leave the math
+    unchanged, and the network has no buffers. No dropout (`dropout` is accepted and ignored).
+    """
+
+    def __init__(self, in_channels: int = 3, width: int = 64, classes: int = 10, dropout: bool = True) -> None:
+        super().__init__()
+        self.conv1, self.norm1 = conv3x3(in_channels, width), norm(width)
+        blocks, cin = [], width
+        for stage in range(4):
+            cout = width * 2**stage
+            for i in range(2):
+                blocks.append(BasicBlock(cin, cout, 2 if stage > 0 and i == 0 else 1))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, classes)
+        for m in self.modules():  # He initialization of the convolutions, as torchvision's ResNet
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(F.relu(self.norm1(self.conv1(x))))
+        return F.log_softmax(self.fc(torch.flatten(global_pool(x), 1)), dim=1)
+
+    def layers(self) -> list[nn.Module]:
+        """The stem, the 8 blocks, the head: 10 layers."""
+        return [chain(self.conv1, self.norm1, relu), *self.blocks, chain(global_pool, flatten, self.fc, log_softmax)]
+
+
 MODELS = {"mnist": Net, "fashion-mnist": Net, "cifar10": CifarNet, "iris": IrisNet}
+RESNET_WIDTHS = {"resnet18": 64, "resnet18-narrow": 16}
+IMAGE_CHANNELS = {"mnist": 1, "fashion-mnist": 1, "cifar10": 3}
 
 
 def new_model(dataset: str = "mnist", model: str = "cnn", dropout: bool = True) -> nn.Module:
     """The network --model names for the dataset, with torch's current random state drawing its weights."""
-    return MODELS[dataset](dropout=dropout)
+    if dataset not in MODELS:
+        raise ValueError(f"unknown dataset {dataset!r}: expected one of {', '.join(MODELS)}")
+    if model == "cnn":
+        return MODELS[dataset](dropout=dropout)
+    if model not in RESNET_WIDTHS:
+        raise ValueError(f"unknown model {model!r}: expected one of cnn, {', '.join(RESNET_WIDTHS)}")
+    if dataset not in IMAGE_CHANNELS:
+        raise ValueError(f"model {model} takes images: use it with {', '.join(IMAGE_CHANNELS)} (got {dataset})")
+    return ResNet18(IMAGE_CHANNELS[dataset], RESNET_WIDTHS[model], dropout=dropout)
 
 
 def build_model(seed: int, dropout: bool = True, dataset: str = "mnist", model: str = "cnn") -> nn.Module:

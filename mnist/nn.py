@@ -1,7 +1,8 @@
-"""Train the CNN in one process: the baseline the ensemble is measured against.
+"""Train the network in one process: the baseline the ensemble is measured against.
 
     python mnist/nn.py --dataset fashion-mnist --epochs 1
     python mnist/nn.py --dry-run
+    python mnist/nn.py --dry-run --dataset fashion-mnist --model resnet18-narrow
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from libe_cnn.config import DATASETS, OPTIMIZERS, TrainConfig, dataset_default, fill_training_defaults
+from libe_cnn.config import DATASETS, MODEL_NAMES, OPTIMIZERS, TrainConfig, dataset_default, fill_training_defaults
 from libe_cnn.errors import UserError
 from libe_cnn.runtime import available_cores, set_threads
 from mnist.data import BatchOrder, load_split, locate
@@ -26,9 +27,12 @@ from mnist.model import build_model, evaluate, make_optimizer
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train the CNN in a single process.")
+    p = argparse.ArgumentParser(description="Train the network in a single process.")
     d = TrainConfig.__dataclass_fields__  # the same defaults as the ensemble's
     p.add_argument("--dataset", choices=DATASETS, default=d["dataset"].default, help="(default: %(default)s)")
+    p.add_argument("--model", choices=MODEL_NAMES, default=d["model"].default,
+                   help="cnn: the dataset's own network; resnet18: ResNet-18 for small images; resnet18-narrow: "
+                        "the same at a quarter of the width (default: %(default)s)")
     p.add_argument("--data-dir", default=None,
                    help="dataset root, torchvision layout; only this directory is searched "
                         "(default: ./data, then the system's copy)")
@@ -57,6 +61,9 @@ def train(args: argparse.Namespace) -> dict:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
     if args.lr <= 0:
         raise UserError(f"--lr must be positive (got {args.lr})")
+    if args.model != "cnn" and args.dataset == "iris":
+        raise UserError(f"--model {args.model} takes images: use it with mnist, fashion-mnist or cifar10 "
+                        "(got --dataset iris)")
     set_threads(args.threads or available_cores())
     device = torch.device(args.device)
     files = locate(args.dataset, args.data_dir)
@@ -67,7 +74,7 @@ def train(args: argparse.Namespace) -> dict:
     if len(train_y) < args.batch_size:
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(train_y)} training samples")
 
-    model = build_model(args.seed, dataset=args.dataset).to(device).train()
+    model = build_model(args.seed, dataset=args.dataset, model=args.model).to(device).train()
     optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr)
     per_epoch = len(train_y) // args.batch_size
     total = per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, per_epoch * args.epochs)
@@ -98,7 +105,7 @@ def train(args: argparse.Namespace) -> dict:
     summary = {"steps": step, "samples": samples, "train_s": train_time,
                "samples_per_s": samples / train_time if train_time else 0.0,
                "test_loss": test_loss, "test_accuracy": test_acc, "dataset": args.dataset,
-               "batch_size": args.batch_size, "threads": torch.get_num_threads()}
+               "model": args.model, "batch_size": args.batch_size, "threads": torch.get_num_threads()}
     if args.save_model:
         torch.save(model.state_dict(), args.save_model)
     if args.summary_json:

@@ -1,10 +1,14 @@
 import pytest
 import torch
 
+from libe_cnn.config import MODEL_NAMES
 from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters
 from mnist.model import (
+    NORM_GROUPS,
     OPTIMIZER_STATE,
+    RESNET_WIDTHS,
     Net,
+    ResNet18,
     build_model,
     evaluate,
     load_optimizer_state_vector,
@@ -120,3 +124,92 @@ def test_the_dataset_chooses_the_network(dataset, shape, classes):
     assert out.shape == (5, classes) and torch.allclose(out.exp().sum(1), torch.ones(5))
     same = build_model(3, dataset=dataset)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), same.parameters()))
+
+
+# --- every network as a chain of layers; the ResNets (--model) ---
+
+SHAPES = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32), "iris": (4,)}
+NETWORKS = [(dataset, "cnn") for dataset in SHAPES] + [
+    (dataset, model) for model in ("resnet18-narrow", "resnet18") for dataset in ("fashion-mnist", "cifar10")]
+
+
+def sample(dataset, batch, seed=0):
+    return torch.randn(batch, *SHAPES[dataset], generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("dataset, model", NETWORKS)
+def test_layers_compose_to_the_forward_and_hold_the_parameters_in_order(dataset, model):
+    net = build_model(0, dropout=False, dataset=dataset, model=model)
+    layers = net.layers()
+    assert [id(p) for layer in layers for p in layer.parameters()] == [id(p) for p in net.parameters()]
+    x = sample(dataset, 3)
+    for training in (False, True):
+        net.train(training)
+        with torch.no_grad():
+            out, composed = net(x), x
+            for layer in layers:
+                composed = layer(composed)
+        assert torch.equal(composed, out)
+    classes = 3 if dataset == "iris" else 10
+    assert out.shape == (3, classes)
+    torch.testing.assert_close(out.exp().sum(dim=1), torch.ones(3))
+    assert (out <= 0).all()
+
+
+@pytest.mark.parametrize("dataset, model", NETWORKS)
+def test_same_seed_same_weights_for_every_network(dataset, model):
+    a, b = build_model(4, dataset=dataset, model=model), build_model(4, dataset=dataset, model=model)
+    assert all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters()))
+    c = build_model(5, dataset=dataset, model=model)
+    assert not torch.equal(next(a.parameters()), next(c.parameters()))
+
+
+@pytest.mark.parametrize("dataset, model, count", [
+    ("mnist", "cnn", 1_199_882), ("fashion-mnist", "cnn", 1_199_882), ("cifar10", "cnn", 1_116_970), ("iris", "cnn", 131),
+    ("fashion-mnist", "resnet18-narrow", 701_178), ("cifar10", "resnet18-narrow", 701_466),
+    ("fashion-mnist", "resnet18", 11_172_810), ("cifar10", "resnet18", 11_173_962)])
+def test_parameter_counts(dataset, model, count):
+    net = build_model(0, dataset=dataset, model=model)
+    assert sum(p.numel() for p in net.parameters()) == count
+    if model == "resnet18" and dataset == "cifar10":
+        assert 11.0e6 < count < 11.3e6  # the standard ResNet-18 for CIFAR-10
+
+
+@pytest.mark.parametrize("model, width", [("resnet18-narrow", 16), ("resnet18", 64)])
+def test_resnet_layout(model, width):
+    net = build_model(0, dataset="cifar10", model=model)
+    assert isinstance(net, ResNet18) and len(net.layers()) == 10
+    assert list(net.buffers()) == []  # no running statistics: only parameters need to travel
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, torch.nn.Dropout)) for m in net.modules())
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == NORM_GROUPS for m in norms)
+    widths = [block.conv2.out_channels for block in net.blocks]
+    assert widths == [width] * 2 + [2 * width] * 2 + [4 * width] * 2 + [8 * width] * 2
+    strides = [block.conv1.stride[0] for block in net.blocks]
+    assert strides == [1, 1, 2, 1, 2, 1, 2, 1]
+    projections = [not isinstance(block.shortcut, torch.nn.Identity) for block in net.blocks]
+    assert projections == [False, False, True, False, True, False, True, False]
+    assert net.conv1.stride == (1, 1) and net.conv1.kernel_size == (3, 3)
+
+
+@pytest.mark.parametrize("dataset, model", [n for n in NETWORKS if n[1] != "cnn"])
+def test_a_sample_s_output_does_not_depend_on_the_rest_of_its_batch(dataset, model):
+    """GroupNorm is per sample: what the pipeline's micro-batches and the shards rely on."""
+    net = build_model(0, dataset=dataset, model=model).train()
+    x = sample(dataset, 8)
+    with torch.no_grad():
+        whole = net(x)
+        halves = torch.cat([net(x[:4]), net(x[4:])])
+    torch.testing.assert_close(halves, whole, rtol=0, atol=1e-6)
+
+
+def test_model_names_match_the_config():
+    assert ("cnn", *RESNET_WIDTHS) == MODEL_NAMES
+
+
+@pytest.mark.parametrize("dataset, model", [("iris", "resnet18"), ("iris", "resnet18-narrow"),
+                                            ("mnist", "resnet50"), ("imagenet", "cnn")])
+def test_a_model_the_dataset_cannot_take_is_refused(dataset, model):
+    with pytest.raises(ValueError) as error:
+        build_model(0, dataset=dataset, model=model)
+    assert "\n" not in str(error.value)
