@@ -142,12 +142,23 @@ def run_ensemble(plan) -> int:
     return flag
 
 
+def pipeline_split(cfg: TrainConfig) -> str:
+    """Where the stages are cut, as layer numbers (time and memory are measured here, once)."""
+    from libe_cnn.pipeline.split import resolve_split
+    from mnist.model import build_model
+
+    return resolve_split(cfg, build_model(cfg.seed, cfg.dropout, cfg.dataset, cfg.model),
+                         f"--model {cfg.model} for {cfg.dataset}")
+
+
 def prepare(cfg: TrainConfig, stack: ExitStack):
     """On the manager only: find the data, connect Redis, plan the run, create its directory."""
     from libe_cnn.plan import make_plan
     from mnist.data import check_dataset, locate
 
     check_devices(cfg)
+    if cfg.parallelism == "pipeline":
+        cfg.split = pipeline_split(cfg)
     files = locate(cfg.dataset, cfg.data_dir)  # before any worker exists: one download at most
     plan = make_plan(cfg, files, check_dataset(files))
     start = ""
@@ -162,7 +173,10 @@ def prepare(cfg: TrainConfig, stack: ExitStack):
         prepare_run_dir(run_dir)
     cfg.save(run_dir / "config.json")
     print(json.dumps(cfg.public_dict()), file=sys.stderr)
-    print(f"{cfg.n_workers} workers x {cfg.batch_size} samples, {plan.steps_per_epoch} steps/epoch, "
+    layout = (f"{cfg.replicas} pipeline{'s' if cfg.replicas > 1 else ''} of {cfg.stages} stages (layers cut before "
+              f"{cfg.split}), {cfg.microbatches} micro-batches, {cfg.schedule}" if cfg.parallelism == "pipeline" else
+              f"{cfg.n_workers} workers")
+    print(f"{layout} x {cfg.batch_size} samples, {plan.steps_per_epoch} steps/epoch, "
           f"{start}{schedule_line(plan)} -> {run_dir}", file=sys.stderr)
     tested_on = f" (evaluating on the first {cfg.limit_test} test samples)" if cfg.limit_test else ""
     print(f"data: {data_source(files)}{tested_on}", file=sys.stderr)
@@ -182,9 +196,9 @@ def schedule_line(plan) -> str:
     line = f"{steps} on {used} {cfg.dataset} samples per epoch"
     if used < plan.n_train:
         # Every worker takes whole batches from an equal shard: what does not fit is left out.
-        by_shards = plan.n_train - cfg.n_workers * (plan.n_train // cfg.n_workers)
+        by_shards = plan.n_train - cfg.replicas * (plan.n_train // cfg.replicas)
         line += (f" ({plan.n_train - used} of {plan.n_train} left out each epoch: {by_shards} to make "
-                 f"{cfg.n_workers} equal shards, {plan.n_train - used - by_shards} in incomplete batches)")
+                 f"{cfg.replicas} equal shards, {plan.n_train - used - by_shards} in incomplete batches)")
     return line
 
 

@@ -102,7 +102,7 @@ class Outcome:
             **{k: v for k, v in last_eval.items() if k.startswith("best_worker") or k == "worker_accuracies"},
             "n_workers": cfg.n_workers,
             "dataset": cfg.dataset,
-            "global_batch": cfg.n_workers * cfg.batch_size,
+            "global_batch": cfg.replicas * cfg.batch_size,
             "wire_dtype": cfg.wire_dtype,
             "store_bytes_per_step": store_bytes / steps_here,  # through all the run's servers
             "busiest_server_bytes_per_step": max(per_server) / steps_here,

@@ -12,6 +12,7 @@ import torch
 
 from libe_cnn.buckets import Bucket, bucket_layout, forward_order
 from libe_cnn.config import TrainConfig
+from libe_cnn.pipeline.split import stage_buckets
 from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters, host_array, push_host_array
 from libe_cnn.rundir import save_state_dict
 from libe_cnn.runtime import all_cores
@@ -37,7 +38,9 @@ class ParentModel:
         # The whole model's optimizer holds the state (checkpoints save it); how the parameters
         # travel: in buckets where the strategy streams them (sync), else whole.
         self.optimizer = make_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr)
-        self.buckets = bucket_layout(self.model, (cfg.bucket_mb or math.inf) * 2**20)
+        # A pipeline's stages are its buckets: each stage's gradient comes and its parameters go as one.
+        self.buckets = (stage_buckets(self.model, cfg.split) if cfg.parallelism == "pipeline" else
+                        bucket_layout(self.model, (cfg.bucket_mb or math.inf) * 2**20))
         params = list(self.model.parameters())
         self._bucket_optimizers = [make_optimizer(cfg.optimizer, [params[i] for i in b.params], cfg.lr)
                                    for b in self.buckets]

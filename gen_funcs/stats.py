@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import numpy as np
+
 # Per-step durations averaged into the summary (seconds); see metrics.jsonl for each step.
 BREAKDOWN = ("gen_wait_s", "fetch_s", "update_s", "publish_s", "exposed_s",
              "sim_load_s", "sim_compute_s", "sim_put_s", "sim_wait_s", "sim_exchange_s")
-# Measured by some strategies only (sync): the generator's CPU time in the step, its own work
-# whatever the other processes take of the cores meanwhile.
-OPTIONAL = ("gen_cpu_s",)
+# Measured by some strategies only. sync: the generator's CPU time in the step, its own work
+# whatever the other processes take of the cores meanwhile. A pipeline: per stage, the
+# workers' compute, their wait on the neighbouring stages, and that wait's share of the
+# schedule's time (the bubble).
+OPTIONAL = ("gen_cpu_s", "stage_compute_s", "stage_peer_wait_s", "stage_bubble")
 
 
 class RunStats:
@@ -45,7 +49,7 @@ class RunStats:
             self.sums[name] += record[name]
         for name in OPTIONAL:
             if name in record:
-                self.sums[name] += record[name]
+                self.sums[name] = self.sums[name] + np.asarray(record[name])  # a list: one per stage
 
     def summary(self) -> dict:
         if self.last is None:
@@ -55,7 +59,7 @@ class RunStats:
         return {
             "steady_samples_per_s": samples / elapsed if elapsed > 0 else None,
             "steady_step_s": elapsed / self.counted,
-            "breakdown_s": {name: self.sums[name] / self.counted for name in (*BREAKDOWN, *OPTIONAL)
+            "breakdown_s": {name: np.asarray(self.sums[name] / self.counted).tolist() for name in (*BREAKDOWN, *OPTIONAL)
                             if name in self.sums or name in BREAKDOWN},
             "peak_manager_rss_mb": self.peak_manager_rss_mb,
             "peak_sim_rss_mb": self.peak_sim_rss_mb,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from libe_cnn import strategies
 from libe_cnn.errors import UserError
+from libe_cnn.pipeline.schedule import SCHEDULES
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "iris")
 # Training defaults that suit each dataset; an option given on the command line wins.
@@ -27,7 +28,6 @@ WIRE_DTYPES = ("float32", "bfloat16", "float16")
 # cnn: the dataset's own network (mnist.model); the ResNets take the image datasets.
 MODEL_NAMES = ("cnn", "resnet18", "resnet18-narrow")
 PARALLELISMS = ("data", "pipeline")
-SCHEDULES = ("gpipe", "1f1b")
 SPLITS = ("time", "memory")  # balance the stages' measured time, or their parameters
 # The pipeline options and their defaults (--parallelism pipeline), by TrainConfig field.
 PIPELINE_DEFAULTS = {"stages": 2, "microbatches": 4, "schedule": "1f1b", "split": "time"}

@@ -34,6 +34,7 @@ SIM_OUT = [
     ("put_s", float),  # put the gradient (streamed: waiting for its last buckets to be put)
     ("wait_s", float),  # blocked until the generator's next row arrived
     ("exchange_s", float),  # streamed (sync): store traffic in the worker's background threads
+    ("peer_wait_s", float),  # pipeline: blocked on the neighbouring stages (the bubble, and any imbalance)
     ("nonfinite_from", KEY_DTYPE),  # ring-allreduce: the workers whose gradient was NaN or inf ("2,3")
     ("rss_mb", float),  # the simulator's resident memory
 ]
@@ -52,9 +53,9 @@ class DatasetFiles:
     paths: dict[str, str]  # file role (train_images, csv...) -> path of the file
 
 
-def steps_per_epoch(n_train: int, n_workers: int, batch_size: int) -> int:
-    """Optimizer steps per epoch: every worker takes full batches from its shard."""
-    return (n_train // n_workers) // batch_size
+def steps_per_epoch(n_train: int, n_shards: int, batch_size: int) -> int:
+    """Optimizer steps per epoch: every shard gives full batches."""
+    return (n_train // n_shards) // batch_size
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,10 @@ class RunPlan:
 
     @property
     def strategy(self) -> Strategy:
+        if self.config.parallelism == "pipeline":
+            from libe_cnn.strategies.pipeline import STRATEGY as PIPELINE  # sync, stage by stage
+
+            return PIPELINE
         return strategy(self.config.strategy)
 
     @property
@@ -93,17 +98,18 @@ class RunPlan:
     @property
     def samples_per_epoch(self) -> int:
         """Samples trained on per epoch: whole batches from equal shards."""
-        return self.steps_per_epoch * self.config.batch_size * self.config.n_workers
+        return self.steps_per_epoch * self.config.batch_size * self.config.replicas
 
 
 def make_plan(cfg: TrainConfig, files: DatasetFiles, n_available: int) -> RunPlan:
     """Fix the schedule for a dataset of `n_available` training samples (checked beforehand:
     mnist.data.check_dataset); the store's address is filled in once connected."""
     n_train = min(n_available, cfg.limit_train) if cfg.limit_train else n_available
-    per_epoch = steps_per_epoch(n_train, cfg.n_workers, cfg.batch_size)
+    per_epoch = steps_per_epoch(n_train, cfg.replicas, cfg.batch_size)
     if per_epoch < 1:
+        holders = f"{cfg.n_workers} workers" if cfg.replicas == cfg.n_workers else f"{cfg.replicas} pipelines"
         raise UserError(
-            f"each of {cfg.n_workers} workers gets {n_train // cfg.n_workers} samples, fewer than "
+            f"each of {holders} gets {n_train // cfg.replicas} samples, fewer than "
             f"--batch-size {cfg.batch_size}: lower -n or --batch-size, or raise --limit-train"
         )
     total = per_epoch * cfg.epochs

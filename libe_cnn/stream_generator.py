@@ -28,6 +28,23 @@ from libe_cnn.stream import (
 from libe_cnn.wire import from_wire
 
 
+@dataclass(frozen=True)
+class Senders:
+    """Whose copies of each bucket the generator reduces: every worker's of every bucket
+    (data parallelism, stages=1), or with a pipeline, each replica's worker of the bucket's stage."""
+
+    copies: int  # copies of each bucket, one per data shard
+    stages: int = 1
+
+    def worker(self, shard: int, bucket: int) -> int:
+        """The worker that sends shard `shard`'s copy of bucket `bucket` (bucket 0 is the last stage's)."""
+        return shard if self.stages == 1 else shard * self.stages + self.stages - 1 - bucket
+
+    def readers(self, bucket: int) -> list[int]:
+        """The workers that load bucket `bucket` of the parameters."""
+        return [self.worker(s, bucket) for s in range(self.copies)]
+
+
 @dataclass
 class StepGradients:
     """One step's gradients, reduced into the parent's gradient buffer."""
@@ -80,20 +97,20 @@ def read_reduced(servers: ServerGroup, layout: Layout, step: int, tokens: list[s
     return bad, losses
 
 
-def reduce_step(run, step: int, layout: Layout) -> StepGradients | None:
+def reduce_step(run, step: int, layout: Layout, senders: Senders) -> StepGradients | None:
     """Wait for `step`'s gradients and reduce them into the parent's gradient, bucket by
     bucket; None if the manager stops the run meanwhile."""
-    return (_reduce_reduced if layout.ring else _reduce_copies)(run, step, layout)
+    return _reduce_reduced(run, step, layout) if layout.ring else _reduce_copies(run, step, layout, senders)
 
 
-def _reduce_copies(run, step: int, layout: Layout) -> StepGradients | None:
-    """star: reduce each bucket once all N workers' copies are there.
+def _reduce_copies(run, step: int, layout: Layout, senders: Senders) -> StepGradients | None:
+    """star: reduce each bucket once all its copies are there (one per shard, in shard order).
 
     A worker with a non-finite bucket is left out of every bucket (--on-nonfinite skip), so
     buckets reduced before that was known are reduced again without it: the math is that of
     reducing whole gradients.
     """
-    n, parent, mode = run.n, run.parent, run.cfg.reduce
+    n, parent, mode = senders.copies, run.parent, run.cfg.reduce
     buckets = layout.buckets
     copies: list[dict[int, np.ndarray]] = [{} for _ in buckets]
     losses: dict[int, float] = {}
@@ -107,7 +124,7 @@ def _reduce_copies(run, step: int, layout: Layout) -> StepGradients | None:
         arrived = [parse_grad_token(t) for t in tokens]
         for sent_at, shard, index, _ in arrived:
             if sent_at != step or not 0 <= index < len(buckets) or shard in copies[index]:
-                raise RuntimeError(f"unexpected gradient bucket {index} of step {sent_at} from worker {shard + 1} "
+                raise RuntimeError(f"unexpected gradient bucket {index} of step {sent_at} from shard {shard + 1} "
                                    f"during step {step}")
         names = [(shard, grad_name(step, shard, index, 0)) for _, shard, index, _ in arrived]
         got.keys += [(run.servers.home(shard), run.store.key(name)) for shard, name in names]
@@ -116,14 +133,16 @@ def _reduce_copies(run, step: int, layout: Layout) -> StepGradients | None:
         got.fetch_s += t2 - t1
         for (_, shard, index, loss), array in zip(arrived, arrays):
             copies[index][shard] = from_wire(array, run.cfg.wire_dtype)
-            losses[shard] = loss
+            if index == 0:  # the last layers' bucket: in a pipeline, the stage that computed the loss
+                losses[shard] = loss
             if len(copies[index]) == n:
                 got.last_arrival = t1
                 good = [s for s in range(n) if s not in bad]
                 # A NaN or inf in any copy makes the reduced bucket non-finite: only then look at each copy.
                 if good and not parent.reduce_bucket(buckets[index], [copies[index][s] for s in good], mode):
                     ordered = [copies[index][s] for s in range(n)]
-                    bad.update(run.screen(ordered, range(n), step + 1, "gradient"))
+                    bad.update(run.screen(ordered, [senders.worker(s, index) for s in range(n)], step + 1,
+                                          "gradient"))
                 if good:
                     reduced_over[index] = good
         got.reduce_s += time.perf_counter() - t2
@@ -169,12 +188,12 @@ def _reduce_reduced(run, step: int, layout: Layout) -> StepGradients | None:
     return got
 
 
-def publish(run, layout: Layout, version: int, bucket: Bucket) -> None:
+def publish(run, layout: Layout, senders: Senders, version: int, bucket: Bucket) -> None:
     """Put one bucket of the parent's parameters (chunk by chunk, each on its owner's server)
-    and tell every worker it is there."""
+    and tell the workers that load it that it is there."""
     run.servers.put_many([(chunk, params_name(version, bucket.index, chunk), run.parent.slice_for_wire(start, stop))
                           for chunk, (start, stop) in enumerate(layout.chunks(bucket.index))])
-    run.store.notify([params_ready(s) for s in range(run.n)], f"{version} {bucket.index}")
+    run.store.notify([params_ready(s) for s in senders.readers(bucket.index)], f"{version} {bucket.index}")
 
 
 class Publisher:
@@ -183,8 +202,9 @@ class Publisher:
     An error is kept until the whole step is taken, so that the run keeps that step.
     """
 
-    def __init__(self, run, layout: Layout, version: int | None) -> None:
-        self.run, self.layout, self.version = run, layout, version  # version None: the last step, nothing to publish
+    def __init__(self, run, layout: Layout, senders: Senders, version: int | None) -> None:
+        self.run, self.layout, self.senders = run, layout, senders
+        self.version = version  # None: the last step, nothing to publish
         self.seconds = 0.0
         self.first_at: float | None = None  # when the first bucket was out: what the workers wait for
         self.error: Exception | None = None
@@ -194,7 +214,7 @@ class Publisher:
             return
         t0 = time.perf_counter()
         try:
-            publish(self.run, self.layout, self.version, bucket)
+            publish(self.run, self.layout, self.senders, self.version, bucket)
         except Exception as e:  # noqa: BLE001 - raised by raise_error once the step is complete
             self.error = e
         self.seconds += time.perf_counter() - t0

@@ -39,6 +39,7 @@ from libe_cnn.strategies.ring_allreduce import gather_reduced
 from libe_cnn.stream import ChunkReducer, GradientSender, Layout, ParameterLoader, Stopped, StreamedModel, reduced_for
 from libe_cnn.wire import from_wire, to_wire
 from sim_funcs.inbox import Inbox
+from sim_funcs.stage_trainer import StageWorker
 from mnist.data import BatchOrder, dropout_seed, load_shard
 from mnist.model import load_optimizer_state_vector, make_optimizer, new_model, optimizer_state_vector
 
@@ -244,6 +245,9 @@ class ChildWorker:
                 thread.servers.close()
             servers.close()
 
+    def close(self) -> None:
+        self.store.close()
+
     def server_group(self) -> ServerGroup:
         """Connections to every store server of the run (each thread of the exchange needs its own)."""
         return ServerGroup(self.plan.servers, self.cfg.run_id, self.cfg.n_workers)
@@ -312,12 +316,13 @@ def child_trainer_sim(H, persis_info, sim_specs, libE_info):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     heartbeat = Heartbeat(plan.redis, plan.config.run_id, shard)
     try:
-        worker = ChildWorker(plan, shard)
+        pipeline = plan.config.parallelism == "pipeline"
+        worker = StageWorker(plan, shard) if pipeline else ChildWorker(plan, shard)
         ps = PersistentSupport(libE_info, EVAL_SIM_TAG)
         try:
             plan.strategy.run_worker(worker, ps, H[0], sim_specs["out"])
         finally:
-            worker.store.close()
+            worker.close()
     finally:
         heartbeat.stop()
     return None, persis_info, FINISHED_PERSISTENT_SIM_TAG

@@ -18,7 +18,7 @@ import numpy as np
 
 from libe_cnn.buckets import forward_order
 from libe_cnn.stream import Layout
-from libe_cnn.stream_generator import Publisher, params_keys, publish, reduce_step
+from libe_cnn.stream_generator import Publisher, Senders, params_keys, publish, reduce_step
 from libe_cnn.strategies.base import Counters, Option, Strategy
 
 REDUCE = Option("reduce", "--reduce", "combine the workers' gradients by sum or mean", default="sum", type=str,
@@ -59,31 +59,36 @@ class SyncCounters(Counters):
 
 
 class Sync(Strategy):
+    # A pipeline's generator (libe_cnn/strategies/pipeline.py) is this one with these four methods of its own.
+    def senders(self, cfg) -> Senders:
+        """Whose gradients the generator reduces: every worker's."""
+        return Senders(cfg.n_workers)
+
     def run_generator(self, run) -> None:
         plan, n, parent, state = run.plan, run.n, run.parent, run.state
         counters: SyncCounters = state.counters
         total = plan.total_steps
-        layout = exchange_layout(parent.buckets, run.cfg)
+        layout, senders = exchange_layout(parent.buckets, run.cfg), self.senders(run.cfg)
         for bucket in forward_order(parent.buckets):
-            publish(run, layout, state.step, bucket)
+            publish(run, layout, senders, state.step, bucket)
         # Rows go one step ahead: a worker finds its next row waiting when it sends this one.
         for step in range(state.step, min(state.step + 2, total)):
             run.send(n, step)
         while state.step < total:
             step = state.step
             cpu = time.thread_time()
-            got = reduce_step(run, step, layout)
+            got = reduce_step(run, step, layout, senders)
             if got is None:
                 break  # the manager ends the run early (an exit criterion or an error)
             t0 = time.perf_counter()
-            published = Publisher(run, layout, step + 1 if step + 1 < total else None)
+            published = Publisher(run, layout, senders, step + 1 if step + 1 < total else None)
             if got.good:
                 parent.step_by_bucket(published)
             else:  # with every gradient skipped, the parent stays as it is
                 for bucket in forward_order(parent.buckets):
                     published(bucket)
-            counters.skipped += n - len(got.good)
-            state.advance(1, n * run.cfg.batch_size, float(np.mean(got.losses)), plan.steps_per_epoch)
+            counters.skipped += senders.copies - len(got.good)
+            state.advance(1, senders.copies * run.cfg.batch_size, float(np.mean(got.losses)), plan.steps_per_epoch)
             state.positions = [state.step] * n
             # The step is taken: a failure from here on keeps it, a failed publish included.
             run.completed()
@@ -99,16 +104,26 @@ class Sync(Strategy):
             # Stopped before every worker reported it, the step is taken all the same, and recorded
             # without the workers' timings.
             run.record(rows.rows if rows is not None else np.zeros(0, run.messages.sim_rows),
-                       nonfinite=n - len(got.good), gen_wait_s=got.wait_s + (rows.wait_s if rows else 0.0),
+                       nonfinite=senders.copies - len(got.good), gen_wait_s=got.wait_s + (rows.wait_s if rows else 0.0),
                        fetch_s=got.fetch_s, update_s=got.reduce_s + t1 - t0, publish_s=t2 - t1,
-                       exposed_s=(published.first_at or t2) - got.last_arrival, gen_cpu_s=cpu)
+                       exposed_s=(published.first_at or t2) - got.last_arrival, gen_cpu_s=cpu,
+                       **(self.step_fields(run.cfg, rows.rows) if rows is not None else {}))
             if rows is None:
                 break
             run.evaluate_and_checkpoint_if_due(state.step)
         # Also when the run was stopped early: every worker redoes the step it was on (what is
         # left in the store goes with the run's keys at its end).
         run.checkpoint()
-        run.finish(nonfinite_skipped=counters.skipped, reduce_topology=reduce_topology(run.cfg))
+        run.finish(nonfinite_skipped=counters.skipped, reduce_topology=reduce_topology(run.cfg),
+                   **self.summary_fields(run.cfg))
+
+    def step_fields(self, cfg, rows: np.ndarray) -> dict:
+        """What a step's metrics record adds from the workers' rows."""
+        return {}
+
+    def summary_fields(self, cfg) -> dict:
+        """What summary.json adds."""
+        return {}
 
     def run_worker(self, worker, ps, row: np.void, out_dtype) -> None:
         worker.streamed_gradient_loop(ps, row, out_dtype)

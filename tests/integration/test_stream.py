@@ -21,7 +21,7 @@ from libe_cnn.plan import GEN_OUT
 from libe_cnn.store import ServerGroup, TensorStore, delete_run_keys, run_keys
 from libe_cnn.reduction import reduce_in_order
 from libe_cnn.stream import Layout
-from libe_cnn.stream_generator import reduce_step
+from libe_cnn.stream_generator import Senders, reduce_step
 from mnist.model import MODELS
 
 
@@ -132,7 +132,7 @@ def test_a_worker_found_non_finite_in_a_later_bucket_is_left_out_of_every_bucket
     # Every bucket but the last from everyone first: they are reduced over all three workers ...
     order = [(s, i) for i in range(len(buckets) - 1) for s in (2, 0, 1)] + [(s, len(buckets) - 1) for s in range(3)]
     send_gradients(run, 4, grads, order)
-    got = reduce_step(run, 4, Layout(buckets, 1))
+    got = reduce_step(run, 4, Layout(buckets, 1), Senders(3))
     # ... and again without worker 2 once its last bucket shows the NaN.
     assert got.good == [0, 2] and got.losses == [0.5] * 3 and len(got.keys) == 12
     want = reduce_in_order([grads[0], grads[2]], np.empty_like(grads[0]), reduce)
@@ -147,7 +147,7 @@ def test_a_non_finite_bucket_stops_the_step_before_any_parameter_changes(redis_a
     grads[0][buckets[0].start] = np.inf
     send_gradients(run, 0, grads, [(s, i) for i in range(len(buckets)) for s in range(2)])
     with pytest.raises(NonFinite, match="worker 1 at step 1"):
-        reduce_step(run, 0, Layout(buckets, 1))
+        reduce_step(run, 0, Layout(buckets, 1), Senders(2))
     assert np.array_equal(run.parent.host_params, before) and run.parent.version == 0
 
 
@@ -167,7 +167,7 @@ def ring_step(run, run_id, step, grads, losses, wire="float32"):
         for shard, (sender, _) in enumerate(workers):
             sender.submit(step, index, losses[shard])
     try:
-        return reduce_step(run, step, layout)
+        return reduce_step(run, step, layout, Senders(run.n))
     finally:
         for sender, reducer in workers:
             sender.flush()
@@ -188,7 +188,7 @@ def test_ring_gives_the_generator_the_same_bits_as_star(redis_address, second_re
     grads = [rng.standard_normal(star.parent.host_grad.size).astype(np.float32) for _ in range(n)]
     buckets = star.parent.buckets
     send_gradients(star, 0, grads, [(s, i) for i in range(len(buckets)) for s in range(n)])
-    reduce_step(star, 0, Layout(buckets, 1))
+    reduce_step(star, 0, Layout(buckets, 1), Senders(n))
     ring = generator(addresses, run_id, tmp_path, n, "stop", reduce)
     got = ring_step(ring, run_id, 1, grads, [0.25, 0.5, 0.75])
     assert got.good == [0, 1, 2] and got.losses == [0.25, 0.5, 0.75]
