@@ -90,3 +90,12 @@ def test_a_pipeline_resumes_bit_for_bit(run):
     assert summary(part)["completed"] and summary(part)["resumed_at_steps"] == [3]
     assert all(torch.equal(a, b) for a, b in zip(model(part).values(), model(straight).values()))
     assert losses(part) == losses(straight)
+
+
+def test_a_resnet_in_four_stages_trains_as_one_worker(run):
+    """GroupNorm is per sample: micro-batches of a ResNet give the whole batch's gradient."""
+    resnet = ("--model", "resnet18-narrow", "--max-steps", "2", "--batch-size", "8")
+    whole = run("-n", "1", *resnet, name="data")
+    piped = run("-n", "4", "--parallelism", "pipeline", "--stages", "4", "--microbatches", "4", *resnet, name="pipe")
+    assert len(summary(piped)["split"].split(",")) == 3
+    assert_close(model(piped), model(whole), atol=1e-5)
