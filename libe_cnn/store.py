@@ -177,8 +177,10 @@ class TensorStore:
         """Store `array` under a fresh key, or under `key(name)` for a key others can predict."""
         return self._store.put(array, name=name).redis_key
 
-    def put_many(self, named: Sequence[tuple[str, np.ndarray]]) -> list[str]:
-        """Store arrays under `key(name)` for each (name, array), in one round trip.
+    def put_many(self, named: Sequence[tuple[str, np.ndarray]], notify: tuple[Sequence[str], str] | None = None
+                 ) -> list[str]:
+        """Store arrays under `key(name)` for each (name, array), in one round trip; with
+        `notify` (queues, token), also append the token to those queues of this server, after.
 
         Store 1.1 has no batch put under names: the connector's pipeline does it, with the same codec.
         """
@@ -186,6 +188,8 @@ class TensorStore:
         with self._connector._client.pipeline(transaction=False) as pipe:
             for key, (_, array) in zip(keys, named):
                 pipe.set(key, codec.encode(array))
+            for queue in notify[0] if notify else ():
+                pipe.rpush(self.key(queue), notify[1])
             pipe.execute()
         return keys
 
@@ -210,6 +214,13 @@ class TensorStore:
         if missing:
             raise KeyError(f"store keys missing: {missing}")
         return [codec.decode(b) for b in blobs]
+
+    def take(self, key: str) -> np.ndarray:
+        """Get and delete one entry, in one round trip (a hand-off read once)."""
+        blob = self._connector._client.getdel(key)
+        if blob is None:
+            raise KeyError(f"store keys missing: {[key]}")
+        return codec.decode(blob)
 
     def evict(self, keys: Sequence[str]) -> None:
         if len(keys) == 1:

@@ -46,8 +46,14 @@ class Neighbours:
         t0 = time.perf_counter()
         to = self.worker + (1 if direction == FORWARD else -1)
         array = np.ascontiguousarray(tensor.detach().to("cpu", torch.float32).numpy())
-        self.servers.home(self.worker).put(array, activation_name(step, self.replica, microbatch, self.stage, direction))
-        self.servers.stores[0].notify([handoff_queue(to, direction)], f"{step} {microbatch}")
+        name, control, home = (activation_name(step, self.replica, microbatch, self.stage, direction),
+                               self.servers.stores[0], self.servers.home(self.worker))
+        told = ([handoff_queue(to, direction)], f"{step} {microbatch}")
+        if home is control:  # one round trip for the piece and its announcement
+            home.put_many([(name, array)], notify=told)
+        else:
+            home.put(array, name)
+            control.notify(*told)
         self.busy_s += time.perf_counter() - t0
 
     def receive(self, step: int, microbatch: int, direction: str) -> torch.Tensor:
@@ -65,8 +71,7 @@ class Neighbours:
         sender = self.worker + (-1 if direction == FORWARD else 1)
         store = self.servers.home(sender)
         key = store.key(activation_name(step, self.replica, microbatch, self.stage + sender - self.worker, direction))
-        tensor = torch.from_numpy(np.array(store.get(key)))  # a writable copy: autograd may write into it
-        store.evict([key])
+        tensor = torch.from_numpy(np.array(store.take(key)))  # a writable copy: autograd may write into it
         self.wait_s += t1 - t0
         self.busy_s += time.perf_counter() - t1
         return tensor

@@ -108,3 +108,19 @@ def test_an_external_redis_is_left_running_and_clean(tmp_path, redis_address, fa
     assert run_keys(redis_address, config["run_id"]) == []
     with redis_address.client() as client:
         assert client.ping()
+
+
+def test_a_pipeline_trains_the_same_model_under_mpi_as_under_local_comms(tmp_path, fashion_files):
+    """Two stages on two ranks: activations and their gradients cross between ranks through the store."""
+    options = ["--dataset", "fashion-mnist", "--parallelism", "pipeline", "--microbatches", "2", "--split", "2",
+               "--limit-train", "1024", "--batch-size", "32", "--max-steps", "3", "--no-dropout", "--limit-test", "200"]
+    local = run_cli("run_libe_cnn.py", "-n", "2", *options, "--run-dir", str(tmp_path / "local"))
+    assert local.returncode == 0, local.stderr[-3000:]
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    mpi = mpirun(3, *options, "--redis-bind", "127.0.0.1", "--run-dir", str(tmp_path / "mpi"), env=env)
+    assert mpi.returncode == 0, mpi.stderr[-3000:]
+    a = torch.load(tmp_path / "local" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "mpi" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    summary = json.loads((tmp_path / "mpi" / "summary.json").read_text())
+    assert summary["completed"] and summary["stages"] == 2 and summary["split"] == "2"
