@@ -99,3 +99,32 @@ def test_a_resnet_in_four_stages_trains_as_one_worker(run):
     piped = run("-n", "4", "--parallelism", "pipeline", "--stages", "4", "--microbatches", "4", *resnet, name="pipe")
     assert len(summary(piped)["split"].split(",")) == 3
     assert_close(model(piped), model(whole), atol=1e-5)
+
+
+DIVERGING = ("--parallelism", "pipeline", "--lr", "1e20", "--max-steps", "5", "--batch-size", "16")
+
+
+def finite(run_dir) -> bool:
+    return all(torch.isfinite(v).all() for v in model(run_dir).values())
+
+
+def test_a_replica_whose_gradient_is_not_finite_is_skipped_and_counted(run):
+    run_dir = run("-n", "4", *DIVERGING, "--on-nonfinite", "skip")
+    s = summary(run_dir)
+    assert s["completed"] and s["nonfinite_skipped"] > 0 and finite(run_dir)
+
+
+def test_a_gradient_that_is_not_finite_stops_the_pipeline_naming_the_stage(run, tmp_path):
+    with pytest.raises(Exception) as raised:
+        run("-n", "2", *DIVERGING)
+    assert type(raised.value).__name__ == "NonFinite", repr(raised.value)
+    assert "non-finite gradient" in str(raised.value) and "worker" in str(raised.value)
+    assert finite(tmp_path / "run") and summary(tmp_path / "run")["completed"] is False
+
+
+def test_a_16_bit_wire_carries_parameters_and_gradients_in_half_the_bytes(run):
+    """Activations stay float32: only the parameters' and gradients' share of the traffic halves."""
+    runs = {wire: summary(run("-n", "2", "--parallelism", "pipeline", "--max-steps", "3", "--wire-dtype", wire,
+                              name=wire)) for wire in ("float32", "bfloat16")}
+    assert all(s["completed"] and np.isfinite(s["train_loss"]) for s in runs.values())
+    assert runs["bfloat16"]["store_bytes_per_step"] < 0.6 * runs["float32"]["store_bytes_per_step"]
