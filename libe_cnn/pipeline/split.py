@@ -96,8 +96,9 @@ def resolve_split(cfg, model: nn.Module, what: str) -> str:
     else:
         starts = parse_split(cfg.split)
         if len(starts) != k - 1 or starts != sorted(set(starts)) or not 0 < starts[0] <= starts[-1] < len(layers):
+            wanted = "one layer number" if k == 2 else f"{k - 1} increasing layer numbers"
             raise UserError(f"--split {cfg.split} does not cut {what} ({len(layers)} layers, numbered from 0) into "
-                            f"--stages {k}: give {k - 1} increasing layer numbers from 1 to {len(layers) - 1}")
+                            f"--stages {k}: give {wanted} from 1 to {len(layers) - 1}")
     return ",".join(map(str, starts))
 
 

@@ -56,6 +56,14 @@ def test_a_terminal_sees_one_line(tmp_path, args, message):
         (["--strategy", "easgd", "--max-staleness", "1"], "--max-staleness does not apply"),
         (["--strategy", "local", "--sync-period", "2"], "--sync-period does not apply to --strategy local"),
         (["--strategy", "easgd", "-n", "4", "--elastic-alpha", "0.5"], "at most 1/N"),
+        (["--parallelism", "pipeline", "-n", "3"], "-n 3 is not a multiple of --stages 2"),
+        (["--parallelism", "pipeline", "--microbatches", "65"], "--microbatches 65 is more than --batch-size 64"),
+        (["--parallelism", "pipeline", "-n", "5", "--stages", "5", "--dataset", "fashion-mnist"],
+         "--stages 5 is more than the 4 layers of --model cnn for fashion-mnist"),
+        (["--parallelism", "pipeline", "--split", "7", "--dataset", "fashion-mnist"],
+         "give one layer number from 1 to 3"),
+        (["--stages", "2"], "--stages applies only to --parallelism pipeline"),
+        (["--model", "resnet18", "--dataset", "iris"], "--model resnet18 takes images"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, run_main, args, message):

@@ -13,6 +13,7 @@ import psutil
 
 from tests.conftest import run_cli
 from tests.integration.test_faults import children, ends_fast_and_clean, model_is_intact, start_run, wait_for_evaluation
+from tests.integration.test_trainer import redis_servers
 
 
 def test_two_replicas_of_two_stages_train_and_report_their_bubble(tmp_path, fashion_files):
@@ -31,7 +32,7 @@ def test_two_replicas_of_two_stages_train_and_report_their_bubble(tmp_path, fash
 
 
 def test_a_killed_stage_ends_the_run_naming_the_worker(tmp_path, fashion_files):
-    run_dir = tmp_path / "run"
+    run_dir, servers_before = tmp_path / "run", redis_servers()
     proc = start_run(run_dir, "--parallelism", "pipeline", "--batch-size", "32")
     wait_for_evaluation(run_dir, proc)
     sims = children(proc, "spawn_main")
@@ -42,3 +43,4 @@ def test_a_killed_stage_ends_the_run_naming_the_worker(tmp_path, fashion_files):
     error = ends_fast_and_clean(proc, killed_at, everyone)
     assert re.search(r"worker [12]\b", error) and "stopped responding" in error, error
     model_is_intact(run_dir)
+    assert redis_servers() <= servers_before  # nothing left behind: processes (above) and the private server
