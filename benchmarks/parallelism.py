@@ -11,9 +11,9 @@ global batch, optimizer (Adam 1e-3), seed and number of steps, one configuration
 - right after each, torch.distributed.pipelining (benchmarks/torch_pipeline.py) on the split
   our run resolved (summary.json `split`), same K, M, schedule, batch and steps.
 
-Writes parallelism.json and .md, parallelism-throughput.png (samples/s against M, with the
-ideal: compute limit x (1 - (K-1)/(M+K-1))) and parallelism-stages.png (each stage's step:
-compute, waiting for its neighbour, activation transfer, the rest) into --out.
+Writes parallelism.json and .md, and parallelism.png (above: samples/s against M, with the
+ideal: compute limit x (1 - (K-1)/(M+K-1)); below: each stage's step: compute, waiting for
+its neighbour, activation transfer, the rest) into --out.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.baselines import run_trainer  # noqa: E402
 from libe_cnn.pipeline.schedule import bubble_fraction  # noqa: E402
-from libe_cnn.pipeline.split import parameter_counts, stage_bounds  # noqa: E402
+from libe_cnn.pipeline.schedule import peak_stash, schedule as schedule_of  # noqa: E402
+from libe_cnn.pipeline.split import INPUT_SHAPES, balance, parameter_counts, stage_bounds  # noqa: E402
 from mnist.data import load_split, locate  # noqa: E402
 from mnist.model import build_model, evaluate  # noqa: E402
 
@@ -106,6 +107,26 @@ def memory(a, split: str) -> dict:
             "stage_with_adam_over_whole": [p / sum(counts) for p in per_stage]}
 
 
+def stashed_bytes(a, split: str, m: int, schedule: str) -> list[int]:
+    """Per stage, the bytes autograd keeps for the micro-batches a stage holds at its busiest:
+    the tensors one micro-batch's forward saves for backward, times the schedule's peak stash."""
+    import torch
+
+    layers = build_model(a.seed, dataset=a.dataset, model=a.model).layers()
+    bounds = stage_bounds(split, len(layers))
+    x = torch.randn(64 // m, *INPUT_SHAPES[a.dataset])
+    per_stage = []
+    for s in range(len(bounds) - 1):
+        saved = []
+        x = x.detach().requires_grad_(s > 0)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            out = torch.nn.Sequential(*layers[bounds[s]:bounds[s + 1]])(x)
+        per_stage.append(sum(saved) * peak_stash(schedule_of(s, len(bounds) - 1, m, schedule)))
+        x = out
+    return per_stage
+
+
 def fmt_list(xs, f="{:.2f}") -> str:
     return " / ".join(f.format(x) for x in xs)
 
@@ -148,6 +169,12 @@ def markdown(res: dict) -> str:
                      f"{fmt_list([b / 1e6 for b in m['stage_worker_bytes']], '{:.2f}')} MB | "
                      f"{fmt_list(m['stage_worker_over_whole'])} (whole: {m['whole_state_bytes'] / 1e6:.2f} MB) | "
                      f"{fmt_list(m['stage_with_adam_over_whole'])} |")
+    lines += ["", "Activations autograd keeps per stage worker at its busiest (the micro-batches its schedule "
+              "holds at once x what one micro-batch's forward saves for backward), MB:", "",
+              "| configuration | split | stage 0 / stage 1 |", "| --- | --- | --- |"]
+    for r in rows:
+        if r["kind"] == "pipeline" and "stashed_bytes" in r:
+            lines.append(f"| {r['name']} | {r['split']} | {fmt_list([b / 1e6 for b in r['stashed_bytes']], '{:.1f}')} |")
     lines += ["", f"Compute limit of the pipeline (64 / mean stage compute at the smallest M): "
               f"{compute_limit(res):.0f} samples/s; ideal = that x (1 - (K-1)/(M+K-1))."]
     lines += ["", "The generator holds the whole model's parameters and Adam's moments in this product (it steps "
@@ -179,9 +206,11 @@ def plot(res: dict, out: Path, stem: str) -> None:
     rows = res["rows"]
     pipes = [r for r in rows if r["kind"] == "pipeline"]
     ms = sorted({r["m"] for r in pipes})
-    fig = Figure(figsize=(7.5, 4.5))
+    # One figure beside its data (parallelism.json): throughput above, each stage's step below.
+    fig = Figure(figsize=(11, 9))
     FigureCanvasAgg(fig)
-    ax = fig.subplots()
+    panels = fig.subplot_mosaic([["throughput", "throughput"], list(SCHEDULES)])
+    ax = panels["throughput"]
     limit = compute_limit(res)
     dense = [1 + i / 10 for i in range(10 * (max(ms) - 1) + 1)]
     ax.plot(dense, [limit * (1 - bubble_fraction(K, m)) for m in dense], color="k", ls=":", lw=1,
@@ -204,12 +233,8 @@ def plot(res: dict, out: Path, stem: str) -> None:
     ax.set_ylim(bottom=0)
     ax.set_title(f"{res['args']['model']}, K={K}, global batch 64", fontsize=10)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / f"{stem}-throughput.png", dpi=110)
-
-    fig = Figure(figsize=(11, 4.5))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(SCHEDULES), sharey=True)
+    axes = [panels[s] for s in SCHEDULES]
+    axes[1].sharey(axes[0])
     parts = (("compute", "tab:blue"), ("wait", "tab:orange"), ("transfer", "tab:purple"), ("rest", "tab:gray"))
     for ax, s in zip(axes, SCHEDULES):
         mine = [r for r in pipes if r["schedule"] == s]
@@ -229,7 +254,7 @@ def plot(res: dict, out: Path, stem: str) -> None:
         ax.legend(fontsize=7)
     axes[0].set_ylabel("ms per step")
     fig.tight_layout()
-    fig.savefig(out / f"{stem}-stages.png", dpi=110)
+    fig.savefig(out / f"{stem}.png", dpi=110)
 
 
 def main() -> None:
@@ -250,6 +275,10 @@ def main() -> None:
     data_path = out / ("parallelism-quick.json" if a.quick else "parallelism.json")
     if a.report_only:
         res = json.loads(data_path.read_text())
+        for row in res["rows"]:  # what the split alone decides is computed again
+            if row["kind"] == "pipeline":
+                res["memory"][row["split"]] = memory(a, row["split"])
+                row["stashed_bytes"] = stashed_bytes(a, row["split"], row["m"], row["schedule"])
     else:
         if a.quick:
             a.microbatches, a.steps = [1, 4], 8
@@ -280,9 +309,14 @@ def main() -> None:
                     row["ours_over_torch"] = row["samples_per_s"] / row["torch"]["samples_per_s"]
                     print(f"  ours / torch = {row['ours_over_torch']:.2f}", file=sys.stderr)
                 res["memory"].setdefault(row["split"], memory(a, row["split"]))
+                row["stashed_bytes"] = stashed_bytes(a, row["split"], m, s)
                 res["rows"].append(row)
                 data_path.write_text(json.dumps(res, indent=2) + "\n")  # a partial run keeps what it measured
         data_path.write_text(json.dumps(res, indent=2) + "\n")
+    # Where --split memory would cut, for the memory table: parameters balanced, not time.
+    counts = parameter_counts(build_model(a.seed, dataset=a.dataset, model=a.model).layers())
+    by_memory = ",".join(map(str, balance([float(c) for c in counts], K)))
+    res["memory"][f"{by_memory} (--split memory)"] = memory(a, by_memory)
     text = markdown(res)
     data_path.with_suffix(".md").write_text(text)
     plot(res, out, data_path.stem)
