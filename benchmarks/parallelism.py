@@ -136,7 +136,7 @@ def markdown(res: dict) -> str:
     base = rows[0]["samples_per_s"]
     lines = [f"{a['model']} on {a['dataset']}, global batch 64, {a['steps']} measured steps after {WARMUP} "
              f"(every configuration sees the same {64 * (a['steps'] + WARMUP)} samples), seed {a['seed']}, "
-             f"{res['cores']} cores; pipelines K={K} on -n 2 (one replica), --split time.", "",
+             f"{res['cores']} cores; pipelines K={K} on -n 2 (one replica), --split {a.get('split', 'time')}.", "",
              "| configuration | split | samples/s | vs data N=1 | bubble per stage (measured) | theory | "
              "imbalance | store KB/sample | peak RSS MB/worker | test acc | torch pipelining samples/s | "
              "ours / torch | torch bubble per stage | torch test acc |",
@@ -266,6 +266,7 @@ def main() -> None:
     p.add_argument("--limit-train", type=int, default=4096)
     p.add_argument("--limit-test", type=int, default=500)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--split", default="time", help="the pipelines' --split (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="M in 1 4, 8 steps: a smoke run")
     p.add_argument("--report-only", action="store_true", help="redraw the tables and plots from the saved JSON")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -302,7 +303,7 @@ def main() -> None:
                 print(f"pipeline K={K} M={m} {s} ...", file=sys.stderr)
                 row = {"name": f"pipeline M={m} {s}", "kind": "pipeline", "m": m, "schedule": s,
                        **ours(a, 2, 64, ["--parallelism", "pipeline", "--stages", str(K), "--microbatches",
-                                         str(m), "--schedule", s, "--split", "time"])}
+                                         str(m), "--schedule", s, "--split", a.split])}
                 print(f"  ours {row['samples_per_s']:.0f} samples/s, split {row['split']}; torch ...", file=sys.stderr)
                 row["torch"] = torch_pipe(a, row["split"], m, s, data, test)
                 if "samples_per_s" in row["torch"]:

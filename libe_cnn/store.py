@@ -177,10 +177,8 @@ class TensorStore:
         """Store `array` under a fresh key, or under `key(name)` for a key others can predict."""
         return self._store.put(array, name=name).redis_key
 
-    def put_many(self, named: Sequence[tuple[str, np.ndarray]], notify: tuple[Sequence[str], str] | None = None
-                 ) -> list[str]:
-        """Store arrays under `key(name)` for each (name, array), in one round trip; with
-        `notify` (queues, token), also append the token to those queues of this server, after.
+    def put_many(self, named: Sequence[tuple[str, np.ndarray]]) -> list[str]:
+        """Store arrays under `key(name)` for each (name, array), in one round trip.
 
         Store 1.1 has no batch put under names: the connector's pipeline does it, with the same codec.
         """
@@ -188,8 +186,6 @@ class TensorStore:
         with self._connector._client.pipeline(transaction=False) as pipe:
             for key, (_, array) in zip(keys, named):
                 pipe.set(key, codec.encode(array))
-            for queue in notify[0] if notify else ():
-                pipe.rpush(self.key(queue), notify[1])
             pipe.execute()
         return keys
 
@@ -215,12 +211,15 @@ class TensorStore:
             raise KeyError(f"store keys missing: {missing}")
         return [codec.decode(b) for b in blobs]
 
-    def take(self, key: str) -> np.ndarray:
-        """Get and delete one entry, in one round trip (a hand-off read once)."""
-        blob = self._connector._client.getdel(key)
-        if blob is None:
-            raise KeyError(f"store keys missing: {[key]}")
-        return codec.decode(blob)
+    def hand_over(self, name: str, array: np.ndarray) -> None:
+        """Leave `array` for one reader waiting in `take(name)` (a Redis list of one: one round trip)."""
+        self._connector._client.rpush(self.key(name), codec.encode(array))
+
+    def take(self, name: str, timeout: float) -> np.ndarray | None:
+        """The array handed over under `name`, waiting up to `timeout` seconds for it (None:
+        not there yet); the entry is gone once taken."""
+        popped = self._connector._client.blpop([self.key(name)], timeout=timeout)
+        return None if popped is None else codec.decode(popped[1])
 
     def evict(self, keys: Sequence[str]) -> None:
         if len(keys) == 1:

@@ -10,5 +10,5 @@ stage's new parameters to that stage's workers only.
 
     schedule.py  the order of each stage's forwards and backwards (GPipe, 1F1B)
     split.py     where the model is cut into stages (balanced by time or parameters, or given)
-    wire.py      names of the activations and their gradients in the store, and their hand-offs
+    handoff.py   the activations and their gradients between neighbouring stages, through the store
 """

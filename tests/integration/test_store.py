@@ -193,16 +193,14 @@ def test_connector_meets_proxystores_protocol_and_config_round_trip(redis_addres
     again.close()
 
 
-def test_a_hand_off_is_put_with_its_announcement_and_taken_once(redis_address):
-    """One round trip each way for a pipeline's activations: put + announce, read + delete."""
+def test_a_hand_off_is_one_round_trip_each_way_and_taken_once(redis_address):
+    """A pipeline's activations: the key is the hand-off, pushed by the sender, popped by the receiver."""
     store = TensorStore(redis_address, "run-handoff")
     try:
         activation = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
-        (key,) = store.put_many([("act-0", activation)], notify=(["for-1", "for-2"], "0 3"))
-        assert store.next_tokens("for-1", 1) == ["0 3"] and store.next_tokens("for-2", 1) == ["0 3"]
-        assert np.array_equal(store.take(key), activation)  # the shape travels with the bytes
-        with pytest.raises(KeyError):
-            store.take(key)
-        assert run_keys(redis_address, "run-handoff") == []
+        assert store.take("act-0", 0.05) is None  # not there yet: the wait times out
+        store.hand_over("act-0", activation)
+        assert np.array_equal(store.take("act-0", 1), activation)  # the shape travels with the bytes
+        assert store.take("act-0", 0.05) is None and run_keys(redis_address, "run-handoff") == []
     finally:
         store.close()
