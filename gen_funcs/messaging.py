@@ -13,7 +13,7 @@ from libensemble.comms.comms import Timeout as CommTimeout
 from libensemble.message_numbers import PERSIS_STOP, STOP_TAG
 from libensemble.tools.persistent_support import PersistentSupport
 
-from libe_cnn import stream
+from libe_cnn import waits
 from libe_cnn.config import TrainConfig
 from libe_cnn.liveness import TTL_S, LivenessCheck
 from libe_cnn.plan import SIM_OUT
@@ -109,7 +109,7 @@ class Messenger:
             # while the manager stops the run (Ctrl-C, an exit criterion).
             if self.stopped():
                 return None
-            tokens = stream.blocking(lambda: self.store.next_tokens(queue, stream.POLL_S))
+            tokens = waits.blocking(lambda: self.store.next_tokens(queue, waits.POLL_S))
             if tokens:
                 return tokens
             if time.perf_counter() - silent_since >= LIVENESS_CHECK_S:

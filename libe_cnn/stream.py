@@ -35,7 +35,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable
 
 import numpy as np
 import torch
@@ -45,16 +45,13 @@ from libe_cnn.buckets import Bucket, buckets_of_modules, chunk_bounds
 from libe_cnn.flat import copy_into
 from libe_cnn.store import ServerGroup
 from libe_cnn.reduction import finite, reduce_is_finite
+from libe_cnn import waits
+from libe_cnn.waits import POLL_S, Background, Stopped
 from libe_cnn.wire import from_wire, to_wire
 
 
 GRAD_ARRIVALS = "grad-arrivals"
 GRAD_REDUCED = "grad-reduced"
-# How often a wait looks up to see whether the run was stopped meanwhile.
-POLL_S = 0.5
-
-T = TypeVar("T")
-
 
 def params_ready(shard: int) -> str:
     return f"params-ready-{shard}"
@@ -115,61 +112,36 @@ class Layout:
         return self.n_chunks > 1
 
 
-def blocking(wait: Callable[[], T]) -> T:
-    """Every wait of the exchange on another process of the run goes through here.
-
-    The in-process test harness (tests/fake_ensemble.py) runs the generator and the
-    simulators as threads that take turns, and replaces this to let the others run meanwhile.
-    """
-    return wait()
-
-
-class Stopped(Exception):
-    """The manager stopped the run while this process waited for the exchange."""
-
-
 class GradientSender:
     """A worker's thread that puts each gradient bucket as soon as backward has finished it:
     to the generator whole (star), or cut into chunks, each to the worker that reduces it (ring)."""
 
     def __init__(self, servers: ServerGroup, shard: int, layout: Layout, flat_grad: torch.Tensor, wire: str) -> None:
         self.servers, self.shard, self.layout, self.flat_grad, self.wire = servers, shard, layout, flat_grad, wire
-        self.busy_s = 0.0  # time spent putting, beside the compute
-        self.error: Exception | None = None
-        self._work: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name=f"gradient-sender-{shard}", daemon=True)
-        self._thread.start()
+        self._thread = Background(f"gradient-sender-{shard}")
+
+    @property
+    def busy_s(self) -> float:
+        """Time spent putting, beside the compute."""
+        return self._thread.busy_s
 
     def submit(self, step: int, bucket: int, loss: float) -> None:
-        self._work.put((step, bucket, loss))
+        self._thread.submit(lambda: self._put(step, bucket, loss))
 
-    def _run(self) -> None:
-        home, control = self.servers.home(self.shard), self.servers.stores[0]
-        while (item := self._work.get()) is not None:
-            step, index, loss = item
-            t0 = time.perf_counter()
-            try:
-                if self.error is None:
-                    chunks = self.layout.chunks(index)
-                    home.put_many([(grad_name(step, self.shard, index, c), to_wire(self.flat_grad[start:stop], self.wire))
-                                   for c, (start, stop) in enumerate(chunks)])
-                    queues = [chunks_for(c) for c in range(len(chunks))] if self.layout.ring else [GRAD_ARRIVALS]
-                    control.notify(queues, grad_token(step, self.shard, index, loss))
-            except Exception as e:  # reported to the worker's own thread by flush
-                self.error = e
-            finally:
-                self.busy_s += time.perf_counter() - t0
-                self._work.task_done()
+    def _put(self, step: int, index: int, loss: float) -> None:
+        chunks = self.layout.chunks(index)
+        self.servers.home(self.shard).put_many([(grad_name(step, self.shard, index, c),
+                                                 to_wire(self.flat_grad[start:stop], self.wire))
+                                                for c, (start, stop) in enumerate(chunks)])
+        queues = [chunks_for(c) for c in range(len(chunks))] if self.layout.ring else [GRAD_ARRIVALS]
+        self.servers.stores[0].notify(queues, grad_token(step, self.shard, index, loss))
 
     def flush(self) -> None:
         """Wait until every bucket submitted is in the store (backward may then reuse the buffer)."""
-        self._work.join()
-        if self.error is not None:
-            raise self.error
+        self._thread.flush()
 
     def close(self) -> None:
-        self._work.put(None)
-        self._thread.join(timeout=10)
+        self._thread.close()
 
 
 class ChunkReducer:
@@ -286,7 +258,7 @@ class ParameterLoader:
         event = self.loaded[index]
         t0 = time.perf_counter()
         while not event.is_set():
-            if not blocking(lambda: event.wait(POLL_S)) and stopped():
+            if not waits.blocking(lambda: event.wait(POLL_S)) and stopped():
                 raise Stopped()
         if self.error is not None:
             raise self.error

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from libe_cnn import stream
 from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters
 from libe_cnn.pipeline.handoff import BACKWARD, FORWARD, Neighbours
 from libe_cnn.pipeline.schedule import schedule
@@ -26,7 +25,8 @@ from libe_cnn.pipeline.split import stage_bounds, stage_buckets, stage_of_bucket
 from libe_cnn.plan import RunPlan
 from libe_cnn.runtime import available_cores, gpu_count, local_rank, rss_mb, select_device, set_threads, threads_per_worker
 from libe_cnn.store import ServerGroup
-from libe_cnn.stream import GRAD_ARRIVALS, POLL_S, Stopped, grad_name, grad_token, params_name, params_ready
+from libe_cnn.stream import GRAD_ARRIVALS, grad_name, grad_token, params_name, params_ready
+from libe_cnn.waits import POLL_S, Stopped, wait_for
 from libe_cnn.wire import from_wire, to_wire
 from mnist.data import BatchOrder, dropout_seed, load_shard
 from mnist.model import new_model
@@ -69,9 +69,7 @@ class StageWorker:
     def load_params(self, servers: ServerGroup, version: int, stopped) -> None:
         """Wait for the generator to publish this stage's parameters of `version`, and load them."""
         control = servers.stores[0]
-        while not (tokens := stream.blocking(lambda: control.next_tokens(params_ready(self.shard), POLL_S, most=1))):
-            if stopped():
-                raise Stopped()
+        tokens = wait_for(lambda: control.next_tokens(params_ready(self.shard), POLL_S, most=1) or None, stopped)
         if tokens[0] != f"{version} {self.bucket.index}":
             raise RuntimeError(f"worker {self.shard + 1} expected its parameters of version {version}, "
                                f"the generator published {tokens[0]!r}")
@@ -106,6 +104,7 @@ class StageWorker:
                 out.backward(None if self.last else neighbours.receive(step, i, BACKWARD).to(self.device))
                 if self.stage > 0:
                     neighbours.send(step, i, BACKWARD, x.grad)
+        neighbours.flush()
         return loss_sum if self.last else math.nan
 
     def close(self) -> None:
@@ -147,4 +146,5 @@ class StageWorker:
                 t += 1
             inbox.next_row()  # the generator is done: this is the manager's stop
         finally:
+            neighbours.close()
             servers.close()

@@ -29,7 +29,7 @@ libensemble.comms.comms.Timeout and `push_to_buffer` / `mail_flag` behave as QCo
 Threads, not processes, so a few things that are per process in a real run are guarded:
 
   * One thread computes at a time (a "turn" lock, released only while a thread waits for a
-    message, or for the streamed exchange: libe_cnn.stream.blocking). Torch's random generator
+    message, or for the streamed exchange: libe_cnn.waits.blocking). Torch's random generator
     is per process, and the user functions seed it and draw from it (initial weights, dropout
     masks); taking turns keeps every draw where a real run makes it, so a run is as
     reproducible as with processes (sync and the periodic strategies bit for bit; in async the
@@ -371,10 +371,10 @@ class FakeEnsemble:
 
     def run(self) -> list[Outcome]:
         """Run to the end; re-raises the first failure. Returns every function's outcome."""
-        from libe_cnn import stream
+        from libe_cnn import waits
 
         deadline = time.monotonic() + self.timeout
-        real_blocking, stream.blocking = stream.blocking, self._blocking
+        real_blocking, waits.blocking = waits.blocking, self._blocking
         try:
             with thread_safe_process_state():
                 self._start(0, self.gen_f, np.zeros(0, dtype=self.gen_out), self.gen_specs, np.arange(0))
@@ -385,7 +385,7 @@ class FakeEnsemble:
                         comm.abort()
                     raise
         finally:
-            stream.blocking = real_blocking
+            waits.blocking = real_blocking
         failure = self.failure
         errors = [o for o in self.outcomes.values() if o.error is not None and not isinstance(o.error, HarnessAbort)]
         if failure is not None:
@@ -398,7 +398,7 @@ class FakeEnsemble:
         return list(self.outcomes.values())
 
     def _blocking(self, wait):
-        """libe_cnn.stream.blocking here: the others take their turn while this thread waits,
+        """libe_cnn.waits.blocking here: the others take their turn while this thread waits,
         and it gets its own random state back afterwards (torch's is the process's)."""
         import torch
 

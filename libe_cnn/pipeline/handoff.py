@@ -19,9 +19,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from libe_cnn import stream
 from libe_cnn.store import ServerGroup
-from libe_cnn.stream import POLL_S, Stopped
+from libe_cnn.waits import POLL_S, Background, wait_for
 
 FORWARD, BACKWARD = "fwd", "bwd"
 
@@ -33,21 +32,28 @@ def activation_name(step: int, replica: int, microbatch: int, stage: int, direct
 class Neighbours:
     """One stage's hand-offs with the stages before and after it (workers w - 1 and w + 1).
 
-    Each piece lives on its sender's home server until the receiver takes it.
+    Each piece lives on its sender's home server until the receiver takes it. A thread of its
+    own pushes it there, so the stage computes its next micro-batch during the round trip.
     """
 
     def __init__(self, servers: ServerGroup, worker: int, n_stages: int, stopped: Callable[[], bool]) -> None:
         self.servers, self.worker, self.stopped = servers, worker, stopped
         self.replica, self.stage = divmod(worker, n_stages)
         self.wait_s = 0.0  # blocked waiting for a neighbour: the bubble, and any imbalance
-        self.busy_s = 0.0  # handing over and taking
+        self.busy_s = 0.0  # copying pieces out of and into tensors (the pushes run beside it)
+        self._sender = Background(f"hand-off-sender-{worker}")
 
     def send(self, step: int, microbatch: int, direction: str, tensor: torch.Tensor) -> None:
         t0 = time.perf_counter()
-        array = np.ascontiguousarray(tensor.detach().to("cpu", torch.float32).numpy())
-        self.servers.home(self.worker).hand_over(
-            activation_name(step, self.replica, microbatch, self.stage, direction), array)
+        # A copy: the tensor stays in autograd's hands while the sender pushes it.
+        array = tensor.detach().to("cpu", torch.float32).numpy().copy()
+        name = activation_name(step, self.replica, microbatch, self.stage, direction)
+        self._sender.submit(lambda: self.servers.home(self.worker).hand_over(name, array))
         self.busy_s += time.perf_counter() - t0
+
+    def flush(self) -> None:
+        """Wait until every piece sent is in the store; raises the sender's error, if any."""
+        self._sender.flush()
 
     def receive(self, step: int, microbatch: int, direction: str) -> torch.Tensor:
         """What the neighbour sent for (step, microbatch) in `direction`. Raises Stopped."""
@@ -55,13 +61,13 @@ class Neighbours:
         store = self.servers.home(sender)
         name = activation_name(step, self.replica, microbatch, self.stage + sender - self.worker, direction)
         t0 = time.perf_counter()
-        # Through the module, where the in-process test harness replaces it.
-        while (array := stream.blocking(lambda: store.take(name, POLL_S))) is None:
-            if self.stopped():
-                raise Stopped()
+        array = wait_for(lambda: store.take(name, POLL_S), self.stopped)
         t1 = time.perf_counter()
         tensor = torch.from_numpy(np.array(array))  # a writable copy: autograd may write into it
         # The wait includes the transfer of the piece itself: BLPOP returns it whole.
         self.wait_s += t1 - t0
         self.busy_s += time.perf_counter() - t1
         return tensor
+
+    def close(self) -> None:
+        self._sender.close()

@@ -21,8 +21,8 @@ from libe_cnn.flat import copy_into
 from libe_cnn.store import ServerGroup
 from libe_cnn.strategies.base import Strategy
 from libe_cnn.strategies.sync import BUCKET_MB
-from libe_cnn import stream
-from libe_cnn.stream import POLL_S, Layout, Stopped, reduced_for
+from libe_cnn.stream import Layout, reduced_for
+from libe_cnn.waits import POLL_S, wait_for
 from libe_cnn.stream_generator import read_reduced, step_keys
 
 
@@ -34,12 +34,7 @@ def gather_reduced(servers: ServerGroup, shard: int, layout: Layout, step: int, 
     pending = {(b.index, c) for b in layout.buckets for c in range(layout.n_chunks)}
     bad: set[int] = set()
     while pending:
-        # Through the module, where the in-process test harness replaces it.
-        tokens = stream.blocking(lambda: control.next_tokens(reduced_for(shard), POLL_S))
-        if not tokens:
-            if stopped():
-                raise Stopped()
-            continue
+        tokens = wait_for(lambda: control.next_tokens(reduced_for(shard), POLL_S) or None, stopped)
         nonfinite, _ = read_reduced(servers, layout, step, tokens, pending,
                                            lambda start, stop, array: copy_into(flat[start:stop], array))
         bad.update(nonfinite)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from gen_funcs.messaging import Messenger, NonFinite
 from gen_funcs.parent import ParentModel
-from libe_cnn import stream
+from libe_cnn import stream, waits
 from libe_cnn.buckets import bucket_layout
 from libe_cnn.config import TrainConfig
 from libe_cnn.flat import flatten_gradients, flatten_parameters
@@ -93,9 +93,9 @@ def test_a_worker_waiting_for_parameters_notices_the_stop(redis_address, run_id)
     streamed.begin(0)  # nothing is ever published
     threading.Timer(0.2, stop.set).start()
     t0 = time.perf_counter()
-    with pytest.raises(stream.Stopped):
+    with pytest.raises(waits.Stopped):
         model(torch.zeros(1, 4))
-    assert time.perf_counter() - t0 < 0.2 + 2 * stream.POLL_S
+    assert time.perf_counter() - t0 < 0.2 + 2 * waits.POLL_S
     streamed.loader.close()
     streamed.sender.close()
 
