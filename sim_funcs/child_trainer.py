@@ -24,23 +24,16 @@ from libe_cnn.buckets import bucket_layout
 from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters, host_array, push_host_array
 from libe_cnn.liveness import Heartbeat
 from libe_cnn.plan import RunPlan, plan_from_user, resume_key
-from libe_cnn.runtime import (
-    available_cores,
-    gpu_count,
-    local_rank,
-    rss_mb,
-    select_device,
-    set_threads,
-    threads_per_worker,
-)
+from libe_cnn.runtime import rss_mb
 from libe_cnn.store import ServerGroup, TensorStore
 from libe_cnn.strategies.sync import exchange_layout
 from libe_cnn.strategies.ring_allreduce import gather_reduced
 from libe_cnn.stream import ChunkReducer, GradientSender, Layout, ParameterLoader, Stopped, StreamedModel, reduced_for
 from libe_cnn.wire import from_wire, to_wire
 from sim_funcs.inbox import Inbox
+from sim_funcs.shard import Shard, worker_device
 from sim_funcs.stage_trainer import StageWorker
-from mnist.data import BatchOrder, dropout_seed, load_shard
+from mnist.data import dropout_seed
 from mnist.model import load_optimizer_state_vector, make_optimizer, new_model, optimizer_state_vector
 
 
@@ -50,11 +43,8 @@ class ChildWorker:
     def __init__(self, plan: RunPlan, shard: int) -> None:
         cfg = plan.config
         self.plan, self.cfg, self.shard = plan, cfg, shard
-        set_threads(threads_per_worker(available_cores(), cfg.n_workers))
-        self.device = torch.device(select_device(cfg.device, local_rank(default=shard), gpu_count()))
-        images, labels = load_shard(plan.files, plan.n_train, cfg.n_workers, shard, cfg.seed)
-        self.images, self.labels = images.to(self.device), labels.to(self.device)
-        self.batches = BatchOrder(len(labels), cfg.seed, shard, plan.steps_per_epoch, cfg.batch_size)
+        self.device = worker_device(cfg, shard)
+        self.data = Shard(plan, shard, cfg.n_workers, self.device)
         # Its weights come from the generator: no need to draw them from the seed.
         self.model = new_model(cfg.dataset, cfg.model, cfg.dropout).to(self.device).train()
         self.flat_params = flatten_parameters(self.model)
@@ -62,11 +52,6 @@ class ChildWorker:
         self.store = TensorStore(plan.redis, cfg.run_id)
         # The batch this worker trains on first: 0, or where a resumed run left off.
         self.first_batch = plan.resume_positions[shard] if plan.resume_positions else 0
-
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The worker's batch number `step`, counted from the start of training."""
-        pos = torch.from_numpy(self.batches.positions(step)).to(self.device)
-        return self.images[pos], self.labels[pos]
 
     def gradient(self, x: torch.Tensor, y: torch.Tensor, t: int,
                  before_backward: Callable[[float], None] | None = None) -> float:
@@ -116,14 +101,14 @@ class ChildWorker:
     def gradient_loop(self, ps: PersistentSupport, row: np.void, out_dtype) -> None:
         """Gradient strategies: load the parameters named, send back one gradient, repeat."""
         t = self.first_batch  # batches done by this worker
-        prepared, x, y = t, *self.batch(t)
+        prepared, x, y = t, *self.data.batch(t)
         wait_s = 0.0  # time blocked waiting for the previous answer
         while True:
             # Every step starts from the parameters the generator just named for this worker.
             t0 = time.perf_counter()
             self.load_into_model(str(row["params_key"]))
             if prepared != t:
-                x, y = self.batch(t)
+                x, y = self.data.batch(t)
             t1 = time.perf_counter()
             loss = self.gradient(x, y, t)
             t2 = time.perf_counter()
@@ -132,7 +117,7 @@ class ChildWorker:
             out = self.result_row(out_dtype, key, int(row["version"]), loss, len(y), (t1 - t0, t2 - t1, t3 - t2, wait_s))
             t += 1
             # The next batch is gathered while the generator works on this one.
-            prepared, x, y = t, *self.batch(t)
+            prepared, x, y = t, *self.data.batch(t)
             tag, _, calc_in = ps.send_recv(out)
             wait_s = time.perf_counter() - t3
             if tag in (STOP_TAG, PERSIS_STOP):
@@ -163,7 +148,7 @@ class ChildWorker:
             while t < self.plan.total_steps:
                 t0 = time.perf_counter()
                 stream.begin(t)
-                x, y = self.batch(t)
+                x, y = self.data.batch(t)
                 busy, load_wait = sum(w.busy_s for w in threads), stream.load_wait_s
                 t1 = time.perf_counter()
                 try:
@@ -212,7 +197,7 @@ class ChildWorker:
             while t < self.plan.total_steps:
                 t0 = time.perf_counter()
                 stream.begin(t)
-                x, y = self.batch(t)
+                x, y = self.data.batch(t)
                 busy = sender.busy_s + reducer.busy_s
                 t1 = time.perf_counter()
                 loss = self.gradient(x, y, t, stream.before_backward)
@@ -275,7 +260,7 @@ class ChildWorker:
             t1 = time.perf_counter()
             n_steps, loss_sum, n_samples = int(row["n_steps"]), 0.0, 0
             for _ in range(n_steps):
-                x, y = self.batch(t)
+                x, y = self.data.batch(t)
                 loss_sum += self.gradient(x, y, t)
                 optimizer.step()
                 n_samples += len(y)

@@ -23,14 +23,15 @@ from libe_cnn.pipeline.handoff import BACKWARD, FORWARD, Neighbours
 from libe_cnn.pipeline.schedule import schedule
 from libe_cnn.pipeline.split import stage_bounds, stage_buckets, stage_of_bucket
 from libe_cnn.plan import RunPlan
-from libe_cnn.runtime import available_cores, gpu_count, local_rank, rss_mb, select_device, set_threads, threads_per_worker
+from libe_cnn.runtime import rss_mb
 from libe_cnn.store import ServerGroup
 from libe_cnn.stream import GRAD_ARRIVALS, grad_name, grad_token, params_name, params_ready
 from libe_cnn.waits import POLL_S, Stopped, wait_for
 from libe_cnn.wire import from_wire, to_wire
-from mnist.data import BatchOrder, dropout_seed, load_shard
+from mnist.data import dropout_seed
 from mnist.model import new_model
 from sim_funcs.inbox import Inbox
+from sim_funcs.shard import Shard, worker_device
 
 
 class StageWorker:
@@ -41,8 +42,7 @@ class StageWorker:
         self.plan, self.cfg, self.shard = plan, cfg, shard
         self.replica, self.stage = divmod(shard, cfg.stages)
         self.last = self.stage == cfg.stages - 1
-        set_threads(threads_per_worker(available_cores(), cfg.n_workers))
-        self.device = torch.device(select_device(cfg.device, local_rank(default=shard), gpu_count()))
+        self.device = worker_device(cfg, shard)
         whole = new_model(cfg.dataset, cfg.model, cfg.dropout)
         layers = whole.layers()
         bounds = stage_bounds(cfg.split, len(layers))
@@ -52,19 +52,17 @@ class StageWorker:
         del whole, layers
         self.flat_params = flatten_parameters(self.module)
         self.flat_grad = flatten_gradients(self.module)
-        if self.stage == 0 or self.last:  # the first stage reads the images, the last one the labels
-            images, labels = load_shard(plan.files, plan.n_train, cfg.replicas, self.replica, cfg.seed)
-            self.images, self.labels = images.to(self.device), labels.to(self.device)
-            self.batches = BatchOrder(len(labels), cfg.seed, self.replica, plan.steps_per_epoch, cfg.batch_size)
+        # The first stage reads the images, the last one the labels, of the replica's shard.
+        self.data = Shard(plan, self.replica, cfg.replicas, self.device) if self.stage == 0 or self.last else None
         self.first_batch = plan.resume_positions[shard] if plan.resume_positions else 0
 
     def batch(self, step: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The replica's batch number `step`, cut into the micro-batches (empty lists for a middle stage)."""
-        if not hasattr(self, "batches"):
+        if self.data is None:
             return [], []
-        pos = torch.from_numpy(self.batches.positions(step)).to(self.device)
+        x, y = self.data.batch(step)
         m = self.cfg.microbatches
-        return list(self.images[pos].tensor_split(m)), list(self.labels[pos].tensor_split(m))
+        return list(x.tensor_split(m)), list(y.tensor_split(m))
 
     def load_params(self, servers: ServerGroup, version: int, stopped) -> None:
         """Wait for the generator to publish this stage's parameters of `version`, and load them."""
@@ -104,7 +102,6 @@ class StageWorker:
                 out.backward(None if self.last else neighbours.receive(step, i, BACKWARD).to(self.device))
                 if self.stage > 0:
                     neighbours.send(step, i, BACKWARD, x.grad)
-        neighbours.flush()
         return loss_sum if self.last else math.nan
 
     def close(self) -> None:
@@ -146,5 +143,4 @@ class StageWorker:
                 t += 1
             inbox.next_row()  # the generator is done: this is the manager's stop
         finally:
-            neighbours.close()
             servers.close()

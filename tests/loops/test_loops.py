@@ -25,29 +25,12 @@ from tests.fake_ensemble import (
     FakeEnsemble,
     prepare_in_process,
     run_ensemble_in_process,
-    run_in_process,
     write_subset,
 )
 from tests.integration.test_strategies import reference_run
 from tests.integration.test_trainer import single_process_steps
 
 PERIODIC = ("param-avg", "weighted-param-avg", "easgd", "gossip", "elastic-gossip")
-
-
-@pytest.fixture(scope="session")
-def loop_data(fashion_files, tmp_path_factory):
-    """The first 1536 training and 200 test images of Fashion-MNIST, as a --data-dir."""
-    return write_subset(fashion_files, tmp_path_factory.mktemp("fashion"), n_train=1536, n_test=200)
-
-
-@pytest.fixture
-def run(loop_data, redis_address, tmp_path):
-    """run(*options, name="run", **harness_options): one in-process run on loop_data; its directory."""
-    def run_(*options: str, name: str = "run", **harness):
-        argv = list(options) if "--resume" in options else \
-            ["--dataset", "fashion-mnist", "--data-dir", str(loop_data), *options]
-        return run_in_process(argv, redis_address, tmp_path, name, **harness)
-    return run_
 
 
 def read_run(run_dir):

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fake_ensemble import run_in_process, write_subset
 
 # 1024 samples: 32 steps an epoch at 32 per replica for one replica.
 # SGD: Adam divides by the gradient's running size, and magnifies last-bit differences where it is near zero.
@@ -17,18 +16,10 @@ COMMON = ["--limit-train", "1024", "--batch-size", "32", "--no-dropout", "--seed
           "--optimizer", "sgd", "--lr", "0.05"]
 
 
-@pytest.fixture(scope="module")
-def data(fashion_files, tmp_path_factory):
-    return write_subset(fashion_files, tmp_path_factory.mktemp("fashion"), n_train=1024, n_test=100)
-
-
 @pytest.fixture
-def run(data, redis_address, tmp_path):
-    def run_(*options: str, name: str = "run", **harness):
-        argv = list(options) if "--resume" in options else ["--dataset", "fashion-mnist", "--data-dir", str(data),
-                                                              *COMMON, *options]
-        return run_in_process(argv, redis_address, tmp_path, name, **harness)
-    return run_
+def run(run):
+    """tests/loops' run, with COMMON first."""
+    return lambda *options, **kw: run(*options, **kw) if "--resume" in options else run(*COMMON, *options, **kw)
 
 
 def model(run_dir) -> dict:

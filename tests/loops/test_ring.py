@@ -17,16 +17,10 @@ from tests.fake_ensemble import (
     run_ensemble_in_process,
     run_in_process,
     run_plan,
-    write_subset,
 )
 
 # 4 workers x 16 samples: 12 steps an epoch on 768 samples.
 OPTIONS = ["-n", "4", "--limit-train", "768", "--batch-size", "16", "--max-steps", "6"]
-
-
-@pytest.fixture(scope="module")
-def data(fashion_files, tmp_path_factory):
-    return write_subset(fashion_files, tmp_path_factory.mktemp("fashion"), n_train=768, n_test=100)
 
 
 def argv(data, *options):
@@ -48,9 +42,9 @@ def same_model(a, b) -> bool:
 
 
 def test_ring_over_two_servers_trains_the_same_bits_as_star_and_spreads_the_traffic(
-        data, redis_address, second_redis, tmp_path):
-    star = run_in_process(argv(data), redis_address, tmp_path, "star")  # the default on one machine
-    plan = prepare_in_process(argv(data, "--reduce-topology", "ring"), redis_address, tmp_path / "ring")
+        loop_data, redis_address, second_redis, tmp_path):
+    star = run_in_process(argv(loop_data), redis_address, tmp_path, "star")  # the default on one machine
+    plan = prepare_in_process(argv(loop_data, "--reduce-topology", "ring"), redis_address, tmp_path / "ring")
     plan = dataclasses.replace(plan, more_redis=(second_redis,))
     ring = run_plan(plan, redis_address)
     s = summary(ring.run_dir)
@@ -63,8 +57,8 @@ def test_ring_over_two_servers_trains_the_same_bits_as_star_and_spreads_the_traf
     assert 0.4 < s["busiest_server_bytes_per_step"] / s["store_bytes_per_step"] < 0.6, s
 
 
-def test_ring_stopped_and_resumed_ends_bit_for_bit_where_an_uninterrupted_run_does(data, redis_address, tmp_path):
-    options = argv(data, "--reduce-topology", "ring", "--checkpoint-every", "2")
+def test_ring_stopped_and_resumed_ends_bit_for_bit_where_an_uninterrupted_run_does(loop_data, redis_address, tmp_path):
+    options = argv(loop_data, "--reduce-topology", "ring", "--checkpoint-every", "2")
     whole = run_in_process(options, redis_address, tmp_path, "whole")
     stopped = run_in_process(options, redis_address, tmp_path, "stopped", stop_after=3 * 4 + 1)
     assert summary(stopped)["completed"] is False and summary(stopped)["steps"] in (3, 4)
@@ -74,19 +68,19 @@ def test_ring_stopped_and_resumed_ends_bit_for_bit_where_an_uninterrupted_run_do
     assert losses(whole) == losses(stopped)
 
 
-def test_ring_skips_non_finite_gradients_as_star_does(data, redis_address, tmp_path):
+def test_ring_skips_non_finite_gradients_as_star_does(loop_data, redis_address, tmp_path):
     diverging = ["--optimizer", "sgd", "--lr", "1e20", "--no-dropout", "--on-nonfinite", "skip"]
-    runs = {t: summary(run_in_process(argv(data, *diverging, "--reduce-topology", t), redis_address, tmp_path, t))
+    runs = {t: summary(run_in_process(argv(loop_data, *diverging, "--reduce-topology", t), redis_address, tmp_path, t))
             for t in ("star", "ring")}
     assert runs["ring"]["completed"] and runs["ring"]["nonfinite_skipped"] > 0
     assert runs["ring"]["nonfinite_skipped"] == runs["star"]["nonfinite_skipped"]
     assert same_model(tmp_path / "star", tmp_path / "ring")
 
 
-def test_ring_allreduce_takes_the_steps_of_sync_with_the_mean(data, redis_address, tmp_path):
+def test_ring_allreduce_takes_the_steps_of_sync_with_the_mean(loop_data, redis_address, tmp_path):
     exact = ["--no-dropout", "--optimizer", "sgd", "--lr", "0.05"]
-    sync = run_in_process(argv(data, *exact, "--reduce", "mean"), redis_address, tmp_path, "sync")
-    ring = run_ensemble_in_process(argv(data, *exact, "--strategy", "ring-allreduce"), redis_address, tmp_path,
+    sync = run_in_process(argv(loop_data, *exact, "--reduce", "mean"), redis_address, tmp_path, "sync")
+    ring = run_ensemble_in_process(argv(loop_data, *exact, "--strategy", "ring-allreduce"), redis_address, tmp_path,
                                    "ring")
     assert summary(ring.run_dir)["completed"] and ring.leftover_keys == []
     first, second = (torch.load(d / "model.pt", weights_only=True) for d in (sync, ring.run_dir))
@@ -96,8 +90,8 @@ def test_ring_allreduce_takes_the_steps_of_sync_with_the_mean(data, redis_addres
 
 
 def test_ring_allreduce_stopped_and_resumed_ends_bit_for_bit_where_an_uninterrupted_run_does(
-        data, redis_address, tmp_path):
-    options = argv(data, "--strategy", "ring-allreduce", "--checkpoint-every", "2")
+        loop_data, redis_address, tmp_path):
+    options = argv(loop_data, "--strategy", "ring-allreduce", "--checkpoint-every", "2")
     whole = run_in_process(options, redis_address, tmp_path, "whole")
     stopped = run_in_process(options, redis_address, tmp_path, "stopped", stop_after=3 * 4 + 1)
     s = summary(stopped)
@@ -108,9 +102,9 @@ def test_ring_allreduce_stopped_and_resumed_ends_bit_for_bit_where_an_uninterrup
     assert losses(whole) == losses(stopped)
 
 
-def test_ring_allreduce_stops_at_a_non_finite_gradient_before_any_worker_steps(data, redis_address, tmp_path):
+def test_ring_allreduce_stops_at_a_non_finite_gradient_before_any_worker_steps(loop_data, redis_address, tmp_path):
     with pytest.raises(Exception) as raised:
-        run_in_process(argv(data, "--strategy", "ring-allreduce", "--optimizer", "sgd", "--lr", "1e20",
+        run_in_process(argv(loop_data, "--strategy", "ring-allreduce", "--optimizer", "sgd", "--lr", "1e20",
                             "--no-dropout"), redis_address, tmp_path)
     assert type(raised.value).__name__ == "NonFinite" and "non-finite gradient" in str(raised.value)
     s = summary(tmp_path / "run")
