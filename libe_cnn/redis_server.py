@@ -23,7 +23,7 @@ from libe_cnn.store import RedisAddress
 
 INSTALL_HINT = (
     "redis-server not found: install it (Debian/Ubuntu: sudo apt-get install redis-server; "
-    "macOS: brew install redis; pixi: pixi add redis) or pass --redis-host HOST"
+    "macOS: brew install redis; pixi: pixi add redis-server) or pass --redis-host HOST"
 )
 
 

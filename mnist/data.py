@@ -3,7 +3,8 @@
     mnist, fashion-mnist  IDX files (optionally gzipped) in torchvision's raw layout
     cifar10               CIFAR-10's binary version: 3073-byte records (label, then the
                           red, green and blue 32 x 32 planes); no pickle to read
-    iris                  the CSV that ships with scikit-learn (150 flowers, 4 measurements)
+    iris                  a small CSV (150 flowers, 4 measurements); a copy ships inside this
+                          package (mnist/iris.csv, with its source and licence)
 
 Each set is read once into memory as a tensor and indexed from there: a per-sample
 DataLoader with PIL transforms costs more than the model itself on these networks.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import importlib.util
 import io
 import struct
 import sys
@@ -54,6 +54,8 @@ IRIS_TEST_FRACTION = 0.2
 IRIS_SPLIT_SEED = 1936  # the year Fisher published the data
 # Where Debian's dataset-fashion-mnist package installs the real files.
 SYSTEM_DIRS = {"fashion-mnist": [Path("/usr/share/datasets/fashion-mnist")]}
+# Iris is small enough to travel with the code, so it needs neither a download nor another package.
+SHIPPED_IRIS = Path(__file__).with_name("iris.csv")
 # The dataset root when none is given, relative to the working directory.
 DEFAULT_DATA_DIR = Path("data")
 
@@ -75,7 +77,7 @@ def _find_in(directory: Path) -> dict[str, str] | None:
 def locate(name: str, data_dir: str | Path | None, download: bool = True) -> DatasetFiles:
     """Find a dataset's files (their paths are absolute).
 
-    data_dir None: DEFAULT_DATA_DIR, then the system copies (SYSTEM_DIRS; iris: scikit-learn's),
+    data_dir None: DEFAULT_DATA_DIR, then the system copies (SYSTEM_DIRS; iris: SHIPPED_IRIS),
     then a download into DEFAULT_DATA_DIR. An explicit data_dir: there only, then a download
     into it, so that a run never reads files other than the ones it was pointed at.
 
@@ -137,19 +139,16 @@ def _locate_cifar10(data_dir: Path, download: bool) -> DatasetFiles:
 
 
 def _locate_iris(data_dir: Path, system: bool) -> DatasetFiles:
-    """data_dir/iris/iris.csv, else (if system) the copy inside scikit-learn, found without importing it."""
-    candidates = [data_dir / "iris" / "iris.csv"]
-    spec = importlib.util.find_spec("sklearn") if system else None
-    if spec is not None and spec.origin:
-        candidates.append(Path(spec.origin).parent / "datasets" / "data" / "iris.csv")
+    """data_dir/iris/iris.csv, else (if system) the copy shipped in this package."""
+    candidates = [data_dir / "iris" / "iris.csv"] + ([SHIPPED_IRIS] if system else [])
     for path in candidates:
         if path.is_file():
             return DatasetFiles("iris", {"csv": str(path)})
     if not system:
-        raise UserError(f"iris not found in {candidates[0]}: put scikit-learn's iris.csv there, "
-                        "or leave out --data-dir to use scikit-learn's copy")
-    raise UserError(f"iris not found in {candidates[0]} nor in scikit-learn: install scikit-learn "
-                    "(pip install scikit-learn) or put its iris.csv there")
+        raise UserError(f"iris not found in {candidates[0]}: put an iris.csv there (the layout of {SHIPPED_IRIS}), "
+                        "or leave out --data-dir to use that shipped copy")
+    raise UserError(f"iris not found in {candidates[0]} nor in {SHIPPED_IRIS} (the copy this package ships): "
+                    f"reinstall libe-cnn, or put an iris.csv in {candidates[0]}")
 
 
 def _download(name: str, root: Path) -> str:
@@ -254,9 +253,10 @@ def read_cifar10(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_iris(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's iris.csv: a header `rows,features,name,...`, then features and a class number."""
+    """An iris.csv: `#` comments, a header `rows,features,name,...`, then features and a class number per line."""
     try:
-        lines = Path(path).read_text().split()
+        lines = [line.strip() for line in Path(path).read_text().splitlines()]
+        lines = [line for line in lines if line and not line.startswith("#")]
         n_rows, n_features, *classes = lines[0].split(",")
         rows = np.array([line.split(",") for line in lines[1:]], dtype=np.float64)
         if rows.shape != (int(n_rows), int(n_features) + 1):

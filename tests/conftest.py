@@ -125,7 +125,7 @@ def write_cifar10(data_dir: Path, per_batch: int, test: int) -> Path:
 
 
 def write_iris_csv(path: Path, rows: np.ndarray) -> Path:
-    """scikit-learn's iris.csv layout: a header, then 4 measurements and a class per line."""
+    """The iris.csv layout (mnist/iris.csv, without its comments): a header, then 4 measurements and a class per line."""
     path.parent.mkdir(parents=True, exist_ok=True)
     header = f"{len(rows)},4,setosa,versicolor,virginica"
     path.write_text("\n".join([header, *(",".join(f"{v:g}" for v in r[:4]) + f",{int(r[4])}" for r in rows)]) + "\n")

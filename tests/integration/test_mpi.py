@@ -18,10 +18,12 @@ from tests.conftest import ROOT, run_cli
 from tests.integration.test_trainer import redis_env, redis_servers, single_process_steps
 
 # Open MPI refuses root and more ranks than cores unless told; MPICH ignores these.
+# Open MPI 5 (conda-forge's) takes oversubscription from its PRRTE mapping policy instead.
 MPI_ENV = {
     "OMPI_ALLOW_RUN_AS_ROOT": "1",
     "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
     "OMPI_MCA_rmaps_base_oversubscribe": "1",
+    "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
 }
 
 

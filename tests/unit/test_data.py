@@ -216,8 +216,8 @@ def test_iris_split_is_fixed_stratified_and_disjoint(tmp_path):
     assert train_x[0, 2].item() == pytest.approx((raw_train[0, 2] - mean[2]) / std[2], rel=1e-5)
 
 
-def test_iris_from_scikit_learn_is_the_real_set(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # no ./data/iris/iris.csv: the default search falls back to scikit-learn
+def test_the_shipped_iris_is_the_real_set(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./data/iris/iris.csv: the default search falls back to the shipped copy
     files = data.locate("iris", None)
     x, y = data.load_split(files, train=True)
     xt, yt = data.load_split(files, train=False)
@@ -303,7 +303,7 @@ def test_default_search_names_every_place_looked(tmp_path, monkeypatch):
         data.locate("fashion-mnist", None, download=False)
 
 
-def test_explicit_data_dir_does_not_fall_back_to_scikit_learns_iris(tmp_path):
+def test_explicit_data_dir_does_not_fall_back_to_the_shipped_iris(tmp_path):
     expected = re.escape(f"iris not found in {tmp_path}/iris/iris.csv: ") + ".*leave out --data-dir"
     with pytest.raises(UserError, match=expected):
         data.locate("iris", tmp_path)
