@@ -58,6 +58,7 @@ def connect_redis(cfg: TrainConfig, stack: ExitStack):
     """The run's Redis servers: the given one (left running) or private ones (stopped at exit)."""
     import redis
 
+    from libe_cnn.cli import TLS_FILES
     from libe_cnn.redis_server import PrivateRedis
     from libe_cnn.store import RedisAddress
 
@@ -67,22 +68,54 @@ def connect_redis(cfg: TrainConfig, stack: ExitStack):
         for address in addresses:  # a private server that is gone took the keys with it
             stack.callback(_delete_keys_or_warn, address, cfg.run_id, True)
         return addresses[0], tuple(addresses[1:])
-    address = RedisAddress(cfg.redis_host, cfg.redis_port, cfg.redis_password)
+    address = RedisAddress(cfg.redis_host, cfg.redis_port, cfg.redis_password, cfg.redis_user, cfg.redis_db,
+                           cfg.redis_tls, cfg.redis_tls_options)
+    where = f"Redis at {cfg.redis_host}:{cfg.redis_port}"
+    for name, path in cfg.redis_tls_options.items():
+        if name in TLS_FILES and not os.path.exists(path):
+            raise UserError(f"REDIS_URL's {name} {path} does not exist")
     try:
         with address.client(socket_connect_timeout=5) as client:
             client.ping()
     except redis.AuthenticationError:
-        raise UserError(f"Redis at {cfg.redis_host}:{cfg.redis_port} refused the password "
-                        "(check --redis-password or REDIS_URL)") from None
-    except redis.ResponseError as e:
-        raise UserError(f"Redis at {cfg.redis_host}:{cfg.redis_port}: {e} "
-                        "(set --redis-password or REDIS_URL)") from None
-    except redis.ConnectionError:
-        raise UserError(f"cannot reach Redis at {cfg.redis_host}:{cfg.redis_port}: "
-                        "start it, or omit --redis-host to use a private server") from None
+        raise UserError(refused_login(cfg, where)) from None
+    except redis.ResponseError as e:  # a server before Redis 6 (NOAUTH), or a user who may not PING (NOPERM)
+        raise UserError(f"{where}: {e} (check --redis-user and --redis-password, or REDIS_URL)") from None
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        tls = tls_failure(e)
+        if tls:
+            raise UserError(f"the TLS handshake with {where} failed: {tls} (check REDIS_URL's ssl_ca_certs, "
+                            "and that the server's certificate names the host)") from None
+        if cfg.redis_tls:
+            raise UserError(f"cannot reach {where} over TLS: {e} (is it up, and does that port take TLS?)") from None
+        raise UserError(f"cannot reach {where}: start it (rediss:// if it takes TLS only), or omit --redis-host "
+                        "to use a private server") from None
     # Whatever happens, the run leaves none of its keys behind.
     stack.callback(_delete_keys_or_warn, address, cfg.run_id, False)
     return address, ()
+
+
+def refused_login(cfg: TrainConfig, where: str) -> str:
+    """Why the server turned the run away: no password, the default user's, or an ACL user's."""
+    if cfg.redis_password is None:
+        return (f"{where} asks for a password: give it in REDIS_URL, REDISCLI_AUTH or --redis-password "
+                "(and an ACL user in REDIS_URL or --redis-user)")
+    if cfg.redis_user is None:
+        return (f"{where} refused the password of its default user (check --redis-password or REDIS_URL; "
+                "an ACL user goes in --redis-user or REDIS_URL's USER)")
+    return (f"{where} refused the user or password (user {cfg.redis_user!r}: check --redis-user and "
+            "--redis-password, or REDIS_URL)")
+
+
+def tls_failure(error: BaseException) -> str | None:
+    """What went wrong in a TLS handshake that redis-py reports as a connection error, if it was one."""
+    import ssl
+
+    while error is not None:
+        if isinstance(error, ssl.SSLError):
+            return getattr(error, "verify_message", None) or error.reason or str(error)
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _delete_keys_or_warn(address, run_id: str, private: bool) -> None:
@@ -180,10 +213,21 @@ def prepare(cfg: TrainConfig, stack: ExitStack):
           f"{start}{schedule_line(plan)} -> {run_dir}", file=sys.stderr)
     tested_on = f" (evaluating on the first {cfg.limit_test} test samples)" if cfg.limit_test else ""
     print(f"data: {data_source(files)}{tested_on}", file=sys.stderr)
+    print(f"evaluations: {evaluation_line(plan)}", file=sys.stderr)
     warning = oversubscription_warning(cfg)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     return plan
+
+
+def evaluation_line(plan) -> str:
+    """When the parent is tested, and on what."""
+    cfg, every = plan.config, plan.eval_every
+    ends = "at each epoch end and the last step on the whole test set"
+    if not every:
+        return ends
+    on = f"the first {cfg.eval_subset} test samples" if cfg.eval_subset else "the whole test set"
+    return f"every {every} steps on {on}, and {ends}"
 
 
 def schedule_line(plan) -> str:

@@ -77,8 +77,9 @@ class Outcome:
     def finish(self, **extra) -> None:
         """Evaluate the final parent if not done yet and write summary.json."""
         s, recorder, cfg = self.state, self.recorder, self.cfg
-        if recorder.last_eval is None or recorder.last_eval["step"] != s.step:
-            recorder.evaluate()
+        last = recorder.last_eval
+        if last is None or last["step"] != s.step or last["test_samples"] < len(recorder.test_y):
+            recorder.evaluate(whole=True)
         wall = time.perf_counter() - recorder.start
         per_server = [server_traffic_bytes(a) - b for a, b in zip(self.plan.servers, self.traffic_at_start)]
         store_bytes = sum(per_server)

@@ -15,6 +15,7 @@ from gen_funcs.stats import RunStats
 from libe_cnn.plan import RunPlan
 from libe_cnn.progress import Progress
 from libe_cnn.rundir import MetricsLog
+from libe_cnn.tensorboard_log import TensorBoardLog
 from libe_cnn.runtime import rss_mb
 from libe_cnn.strategies.base import Counters
 
@@ -60,11 +61,16 @@ class Recorder:
         self.test_x, self.test_y = test
         self.run_dir = Path(plan.config.run_dir)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep=keep_lines)
+        cfg = plan.config
+        self.board = TensorBoardLog(cfg.tensorboard, resumed_at=state.step) if cfg.tensorboard else None
+        # Between epoch ends, a fixed subset of the test set: a curve for little time.
+        subset = cfg.eval_subset or len(self.test_y)
+        self.test_subset = (self.test_x[:subset], self.test_y[:subset])
         self.stats = RunStats()
         self.start = start
         self.last_eval: dict | None = None
         self.last_record: dict | None = None
-        self.progress = Progress(plan.recorded_steps, unit=plan.step_unit)
+        self.progress = Progress(plan.recorded_steps, unit=plan.step_unit, done=state.step)
         # Evaluations and checkpoints fall where a sync step would end: every N recorded steps
         # where one counts single gradients.
         self.per_step = plan.strategy.recorded_per_step(plan.config.n_workers)
@@ -78,7 +84,17 @@ class Recorder:
                 or bool(every and step % every == 0))
 
     def eval_due(self, step: int) -> bool:
-        return self.due(step, self.plan.config.eval_every)
+        return self.due(step, self.plan.eval_every)
+
+    def test_set(self, whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """What an evaluation now tests on: the whole test set at epoch ends and the last step
+        (and when `whole`), else the subset."""
+        return (self.test_x, self.test_y) if whole or self.due(self.state.step, None) else self.test_subset
+
+    def log(self, record: dict) -> None:
+        self.metrics.write(**record)
+        if self.board is not None:
+            self.board.write(record)
 
     def record(self, rows: np.ndarray, **fields) -> dict:
         """Write one metrics record of the current state (fields may override it), with the
@@ -92,26 +108,31 @@ class Recorder:
         record.update({f"sim_{name}": float(rows[name].mean()) if len(rows) else 0.0
                        for name in ("load_s", "compute_s", "put_s", "wait_s", "exchange_s")})
         record.update(manager_rss_mb=rss_mb(), sim_rss_mb=float(rows["rss_mb"].max()) if len(rows) else 0.0)
-        self.metrics.write(**record)
+        record["samples_per_s"] = record["samples"] / record["wall_s"]  # since the start, as the progress line shows
+        self.log(record)
         self.last_record = record
         self.stats.step(record)
         self.progress.update(record["step"], record["epoch"], record["loss"],
-                             self.last_eval["test_accuracy"] if self.last_eval else None,
-                             record["samples"] / record["wall_s"])
+                             self.last_eval["test_accuracy"] if self.last_eval else None, record["samples_per_s"])
         return record
 
-    def evaluate(self, **extra) -> dict:
-        """Test the parent model as it is at the current step, save it, and log the result."""
+    def evaluate(self, whole: bool = False, **extra) -> dict:
+        """Test the parent model as it is at the current step, save it, and log the result
+        (`whole`: on the whole test set, as a run's last evaluation always is)."""
         s = self.state
         t0 = time.perf_counter()
-        test_loss, test_acc = self.parent.evaluate(self.test_x, self.test_y)
+        test_x, test_y = self.test_set(whole)
+        test_loss, test_acc = self.parent.evaluate(test_x, test_y)
         self.parent.save(self.run_dir / "model.pt")
         eval_s = time.perf_counter() - t0
         record = {"event": "eval", "step": s.step, "epoch": s.epoch, "samples": s.samples, "test_loss": test_loss,
-                  "test_accuracy": test_acc, **extra, "eval_s": eval_s, "wall_s": time.perf_counter() - self.start}
-        self.metrics.write(**record)
+                  "test_accuracy": test_acc, "test_samples": len(test_y), **extra, "eval_s": eval_s,
+                  "wall_s": time.perf_counter() - self.start}
+        self.log(record)
         line = (f"epoch {s.epoch + 1} {self.plan.step_unit} {s.step}: test loss {test_loss:.4f}, "
                 f"test accuracy {test_acc:.2%}")
+        if len(test_y) < len(self.test_y):
+            line += f" (first {len(test_y)} test samples)"
         if "best_worker_accuracy" in extra:
             line += f" (best single worker {extra['best_worker_accuracy']:.2%})"
         self.progress.message(line)
@@ -124,11 +145,14 @@ class Recorder:
         saved, version = parent.host_params.copy(), parent.version
         np.copyto(parent.host_params, params)
         parent.host_params_changed()
-        accuracy = parent.evaluate(self.test_x, self.test_y)[1]
+        accuracy = parent.evaluate(*self.test_set())[1]
         np.copyto(parent.host_params, saved)
         parent.host_params_changed()
         parent.version = version  # exactly as it was: a state saved before still describes it
         return accuracy
 
     def close(self) -> None:
+        self.progress.close()
         self.metrics.close()
+        if self.board is not None:
+            self.board.close()

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlsplit
 
 from libe_cnn import strategies
 from libe_cnn.config import (
@@ -69,7 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wire-dtype", choices=WIRE_DTYPES, default=d["wire_dtype"].default,
                    help="type of gradients and parameters on the wire; 16-bit halves the bytes (default: %(default)s)")
     g.add_argument("--eval-every", type=int, default=None, metavar="K",
-                   help="also evaluate the parent model every K steps (always at each epoch end)")
+                   help="also evaluate the parent model every K steps, 0 for never (always at each epoch end and "
+                        "the last step; default: ten times per epoch, and never for the strategies with rounds, which an "
+                        "evaluation would cut short)")
+    g.add_argument("--eval-subset", type=int, default=d["eval_subset"].default, metavar="K",
+                   help="those evaluations test on the first K test samples, 0 for all; the ones at epoch ends and "
+                        "the last step on all (default: %(default)s)")
     g.add_argument("--seed", type=int, default=d["seed"].default, help="(default: %(default)s)")
     g.add_argument("--no-dropout", dest="dropout", action="store_false",
                    help="disable dropout (for exact comparisons)")
@@ -109,20 +114,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
 
     g = p.add_argument_group("redis (default: a private server started for the run)")
-    g.add_argument("--redis-host", default=None, help="use this Redis server instead (also: REDIS_URL)")
+    g.add_argument("--redis-host", default=None,
+                   help="use this Redis server instead (also: REDIS_URL=redis[s]://[USER:PASSWORD@]HOST[:PORT][/DB]"
+                        "[?ssl_ca_certs=FILE...], rediss for TLS)")
     g.add_argument("--redis-port", type=int, default=None,
                    help="port of --redis-host (default: 6379) or of the private server (default: a free one)")
     g.add_argument("--redis-bind", default=None, metavar="ADDR",
                    help="start the private server listening on ADDR, e.g. 0.0.0.0 for other nodes "
                         "(default: 127.0.0.1); it always requires a password")
+    g.add_argument("--redis-user", default=None,
+                   help="ACL user of --redis-host (default: the server's default user)")
     g.add_argument("--redis-password", default=None,
                    help="password of --redis-host (prefer REDIS_URL or REDISCLI_AUTH: arguments are visible)")
+    g.add_argument("--redis-db", type=int, default=d["redis_db"].default, metavar="N",
+                   help="database of --redis-host for the run's keys (default: %(default)s)")
     g.add_argument("--redis-servers", type=int, default=d["redis_servers"].default, metavar="K",
                    help="start K private servers and spread the workers' traffic over them, consecutive workers "
                         "sharing one as the workers of a node would (default: %(default)s)")
 
     g = p.add_argument_group("output")
     g.add_argument("--run-dir", default=None, help="where to write the run (default: runs/<timestamp>)")
+    g.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="also write the metrics as TensorBoard events into DIR (needs: pip install 'libe-cnn[tensorboard]')")
     g.add_argument("--checkpoint-every", type=int, default=None, metavar="K",
                    help="also write checkpoint.pt every K steps (always at each epoch end and at the end)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR",
@@ -133,25 +146,62 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_redis_url(url: str) -> tuple[str, int, str | None]:
-    """Host, port and password from redis://[:password@]host[:port][/db]."""
-    parsed = urlparse(url)
-    if parsed.scheme != "redis" or not parsed.hostname:
-        raise UserError(f"REDIS_URL must look like redis://:PASSWORD@HOST:PORT (got scheme {parsed.scheme!r})")
-    return parsed.hostname, parsed.port or 6379, parsed.password
+URL_SHAPE = "redis://[USER:PASSWORD@]HOST[:PORT][/DB], or rediss://... for TLS"
+# Options of REDIS_URL that name files: made absolute, as the run works in its run directory.
+TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")
+
+
+def parse_redis_url(url: str) -> dict:
+    """The TrainConfig fields of a Redis URL, read by redis-py's own parser.
+
+    Its query may hold redis-py's TLS options (rediss://HOST?ssl_ca_certs=ca.pem); the others
+    (timeouts, protocol, decoding) would change how the run talks to the store: the run sets those.
+    """
+    import redis
+    from redis.connection import parse_url
+
+    from libe_cnn.store import RedisAddress
+
+    try:
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError(f"it must look like {URL_SHAPE} (got scheme {parts.scheme!r})")
+        parsed = parse_url(url)
+        if "host" not in parsed:
+            raise ValueError(f"it names no host: it must look like {URL_SHAPE}")
+        if parts.path.strip("/") and "db" not in parsed:  # redis-py would take database 0
+            raise ValueError(f"its database must be a number, as in redis://HOST:6379/0 (got {parts.path!r})")
+        options = {name: values[0] for name, values in parse_qs(parts.query).items()
+                   if name not in ("db", "username", "password")}
+        for name in options:
+            if name == "ssl_password":
+                raise ValueError("ssl_password would be saved with the run: use a client key without a passphrase")
+            if not name.startswith("ssl_"):
+                raise ValueError(f"the run takes no option {name!r}, only db and redis-py's ssl_* options "
+                                 "(it sets its own timeouts and protocol)")
+        options.update({name: str(Path(options[name]).expanduser().resolve()) for name in TLS_FILES if name in options})
+        # An option redis-py's TLS connection does not take, or a bad value, fails now rather than in a worker.
+        redis.SSLConnection(**RedisAddress("", 0, tls=True, tls_options=options).typed_tls_options())
+    except (ValueError, TypeError, redis.RedisError) as e:
+        raise UserError(f"REDIS_URL: {e}") from None
+    return {"redis_host": parsed["host"], "redis_port": parsed.get("port", 6379), "redis_user": parsed.get("username"),
+            "redis_password": parsed.get("password"), "redis_db": parsed.get("db", 0),
+            "redis_tls": parts.scheme == "rediss", "redis_tls_options": options}
 
 
 # What may differ when a run is resumed: how long it trains, how often it reports, and
 # where it runs. Everything else would make the resumed run a different experiment.
-RESUME_OPTIONS = ("--epochs", "--max-steps", "--eval-every", "--limit-test", "--checkpoint-every", "--on-nonfinite",
+RESUME_OPTIONS = ("--epochs", "--max-steps", "--eval-every", "--eval-subset", "--limit-test", "--tensorboard", "--checkpoint-every", "--on-nonfinite",
                   "--bucket-mb", "--reduce-topology", "--device", "--gen-device", "--comms", "--redis-host",
-                  "--redis-port", "--redis-bind", "--redis-password", "--redis-servers")
+                  "--redis-port", "--redis-bind", "--redis-user", "--redis-password", "--redis-db", "--redis-servers")
 
 
 # Fields added after the first release, with the value that gives a run saved before them the
 # math it had (none of them changes it).
 ADDED_FIELDS = {"bucket_mb": None, "reduce_topology": None, "redis_servers": 1, "agg_prob": None, "model": "cnn",
-                "parallelism": "data", "stages": None, "microbatches": None, "schedule": None, "split": None}
+                "parallelism": "data", "stages": None, "microbatches": None, "schedule": None, "split": None,
+                "eval_subset": 2000, "tensorboard": None, "redis_user": None, "redis_db": 0, "redis_tls": False,
+                "redis_tls_options": {}}
 
 
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
@@ -160,14 +210,14 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     values = vars(parser.parse_args(argv))
     del values["print_launch"]  # an action, not part of a run's configuration
     resume = values.pop("resume")
+    given = given_options(parser, argv)
     if resume is not None:
-        values = resumed_values(resume, given_options(parser, argv))
+        values = resumed_values(resume, given)
     url = os.environ.get("REDIS_URL")
-    if url and values["redis_host"] is None and values["redis_bind"] is None:
-        host, port, password = parse_redis_url(url)
-        values["redis_host"] = host
-        values["redis_port"] = values["redis_port"] or port
-        values["redis_password"] = values["redis_password"] or password
+    # REDIS_URL names the server unless the command line does; it also moves a resumed run from
+    # its saved server (whose password was never saved), but not from a private one bound for other nodes.
+    if url and "redis_host" not in given and values["redis_bind"] is None:
+        values.update({name: value for name, value in parse_redis_url(url).items() if name not in given})
     if values["redis_password"] is None and values["redis_host"] is not None:
         values["redis_password"] = os.environ.get("REDISCLI_AUTH")
     return TrainConfig(**values)
@@ -211,8 +261,9 @@ def resumed_values(run_dir: str, given: dict) -> dict:
                             f"only {', '.join(RESUME_OPTIONS)} can: start a new run to change it")
         values[dest] = value
     if "redis_host" in given or "redis_bind" in given:  # a new choice of server replaces the saved one
-        for name in ("redis_host", "redis_bind", "redis_port"):
+        for name in ("redis_host", "redis_bind", "redis_port", "redis_user"):
             values[name] = given.get(name)
+        values.update(redis_db=given.get("redis_db", 0), redis_tls=False, redis_tls_options={})
     # The password was never saved; the run id names a new session in the store.
     values.update(redis_password=given.get("redis_password"), run_id="", run_dir=run_dir, resume=True)
     return values

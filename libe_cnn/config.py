@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import re
@@ -86,7 +87,8 @@ class TrainConfig:
     agg_prob: float | None = None
     on_nonfinite: str = "stop"  # a NaN/inf result: stop the run, or (where the strategy can) skip it
     wire_dtype: str = "float32"  # element type of gradients and parameters in the store
-    eval_every: int | None = None  # also evaluate every this many steps (always at epoch ends)
+    eval_every: int | None = None  # also evaluate every this many steps (always at epoch ends); None: 10 per epoch
+    eval_subset: int = 2000  # evaluations between epoch ends test on the first this many test samples (0: all)
     checkpoint_every: int | None = None  # also checkpoint every this many steps (always at epoch ends and the end)
     seed: int = 1
     dropout: bool = True  # off only for exact comparisons (parity tests)
@@ -96,10 +98,16 @@ class TrainConfig:
     redis_host: str | None = None  # None: start a private server for this run
     redis_port: int | None = None  # --redis-host's port (default 6379); the private server's (default: free)
     redis_bind: str | None = None  # the private server listens here (default 127.0.0.1)
-    redis_password: str | None = field(default=None, repr=False)
+    redis_password: str | None = field(default=None, repr=False)  # never saved nor printed
+    redis_user: str | None = None  # an ACL user of --redis-host (None: the server's default user)
+    redis_db: int = 0  # the database of --redis-host that holds the run's keys
+    redis_tls: bool = False  # reach --redis-host over TLS (REDIS_URL rediss://)
+    # redis-py's ssl_* options from REDIS_URL's query, as strings, e.g. {"ssl_ca_certs": "/etc/ca.pem"}
+    redis_tls_options: dict[str, str] = field(default_factory=dict)
     redis_servers: int = 1  # private servers to start (one per node, as it were); workers' data is spread over them
     # --- output ---
     run_dir: str | None = None  # default runs/<timestamp>
+    tensorboard: str | None = None  # also write the metrics as TensorBoard events into this directory
     run_id: str = ""  # namespaces this run's store keys; generated when empty
     resume: bool = False  # continue the run in run_dir from its checkpoint
 
@@ -121,7 +129,10 @@ class TrainConfig:
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})")
         need(self.wire_dtype in WIRE_DTYPES,
              f"--wire-dtype must be one of {', '.join(WIRE_DTYPES)} (got {self.wire_dtype!r})")
-        need(self.eval_every is None or self.eval_every >= 1, "--eval-every must be at least 1")
+        need(self.eval_every is None or self.eval_every >= 0, "--eval-every must be at least 0")
+        need(self.eval_subset >= 0, "--eval-subset must be at least 0")
+        need(self.tensorboard is None or importlib.util.find_spec("tensorboard") is not None,
+             "--tensorboard needs the tensorboard package: pip install 'libe-cnn[tensorboard]'")
         need(self.checkpoint_every is None or self.checkpoint_every >= 1, "--checkpoint-every must be at least 1")
         self._check_strategy(need)
         self._check_parallelism(need)
@@ -142,6 +153,12 @@ class TrainConfig:
              "--redis-servers starts private servers and --redis-host names one existing server: give only one")
         need(self.redis_servers == 1 or self.redis_port is None,
              "--redis-port fixes the port of one private server: with --redis-servers, leave the ports free")
+        need(self.redis_db >= 0, f"--redis-db must be 0 or more (got {self.redis_db})")
+        need(self.redis_host is not None or (self.redis_user is None and self.redis_db == 0 and not self.redis_tls),
+             "--redis-user, --redis-db and TLS apply to an existing server (--redis-host or REDIS_URL): "
+             "a private server has one user, one database and no TLS")
+        need(self.redis_tls or not self.redis_tls_options,
+             f"{', '.join(self.redis_tls_options)}: TLS options need a TLS connection (REDIS_URL rediss://)")
         if self.redis_host is not None and self.redis_port is None:
             self.redis_port = 6379
         if not self.run_id:
@@ -152,6 +169,8 @@ class TrainConfig:
         self.run_dir = str(Path(self.run_dir).resolve())
         if self.data_dir is not None:
             self.data_dir = str(Path(self.data_dir).resolve())
+        if self.tensorboard is not None:
+            self.tensorboard = str(Path(self.tensorboard).resolve())
 
     def _check_strategy(self, need) -> None:
         need(self.strategy in STRATEGIES,

@@ -58,6 +58,9 @@ def steps_per_epoch(n_train: int, n_shards: int, batch_size: int) -> int:
     return (n_train // n_shards) // batch_size
 
 
+EVALS_PER_EPOCH = 10  # by default
+
+
 @dataclass(frozen=True)
 class RunPlan:
     config: TrainConfig
@@ -94,6 +97,16 @@ class RunPlan:
     def step_unit(self) -> str:
         """What one recorded step is: one batch on every worker, or one gradient."""
         return self.strategy.step_unit
+
+    @property
+    def eval_every(self) -> int:
+        """Steps between the evaluations besides those at epoch ends (0: none): --eval-every,
+        else a tenth of an epoch, so that a one-epoch run's curves have ten points (none where
+        evaluating would change the math: Strategy.rounds_end_at_evaluations)."""
+        cfg = self.config
+        if cfg.eval_every is not None:
+            return cfg.eval_every
+        return 0 if self.strategy.rounds_end_at_evaluations else self.steps_per_epoch // EVALS_PER_EPOCH
 
     @property
     def samples_per_epoch(self) -> int:

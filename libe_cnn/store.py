@@ -6,7 +6,7 @@ several keys go to the connector directly, as one MGET or DEL: Store 1.1 has no 
 evict, and a round trip per key measured +0.13 ms for 2 keys and +0.39 ms for 4 (1 KB arrays;
 deleting 4: +0.3 ms), where Store's own layer adds 0.01-0.04 ms to a one-key call.
 
-ProxyStore's stock RedisConnector cannot authenticate, cannot set the client's read size
+ProxyStore's stock RedisConnector cannot authenticate (nor use TLS), cannot set the client's read size
 and flushes the whole database on close, so the run uses the connector below instead.
 Every key starts with the run id, which lets a run delete exactly its own keys at the end
 and never touch anyone else's.
@@ -14,10 +14,13 @@ and never touch anyone else's.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
+from urllib.parse import urlencode
 
 import numpy as np
 import redis
@@ -41,15 +44,21 @@ def _fast_io() -> dict:
     large value twice into one new buffer, which doubled the time of a 4.8 MB SET; redis-py's
     packer sends a large value as it is.
     """
-    if not redis.utils.HIREDIS_AVAILABLE:
-        return {}
+    # These are redis-py internals: whatever a new release changed in them (a module moved, a
+    # signature), its defaults still work, only slower, so a failure here costs a warning.
     try:
+        if not redis.utils.HIREDIS_AVAILABLE:
+            return {}
         from redis._parsers.encoders import Encoder
         from redis.connection import PythonRespSerializer, _HiredisParser
-    except ImportError:  # another redis-py layout: its defaults still work
-        return {}
 
-    packer = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
+        packer = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
+        packer.pack("SET", "k", b"v")  # a changed packer fails here, not in the middle of a run
+        _HiredisParser(socket_read_size=SOCKET_READ_SIZE)
+    except Exception as e:
+        warnings.warn(f"using redis-py's default reply parser and command packer (slower on large values): "
+                      f"its internals changed ({type(e).__name__}: {e})", stacklevel=2)
+        return {}
     return {"parser_class": _HiredisParser, "command_packer": packer}
 
 
@@ -58,25 +67,39 @@ _FAST_IO = _fast_io()
 
 @dataclass(frozen=True)
 class RedisAddress:
-    """Where the run's Redis server is and how to log in."""
+    """Where the run's Redis server is and how to log in (the fields of a redis:// or rediss:// URL)."""
 
     host: str
     port: int
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
+    username: str | None = None  # an ACL user; None: the server's default user
+    db: int = 0
+    tls: bool = False  # rediss://
+    # redis-py's ssl_* options as a URL's query gives them, e.g. {"ssl_ca_certs": "/etc/ca.pem"}:
+    # plain strings survive the plan's trips to the workers (pickled, or dumped to dicts by libEnsemble).
+    tls_options: dict[str, str] = field(default_factory=dict, hash=False)
 
     def client(self, **kwargs: Any) -> redis.Redis:
         pool = redis.ConnectionPool(
-            host=self.host,
-            port=self.port,
-            password=self.password,
+            connection_class=redis.SSLConnection if self.tls else redis.Connection,
+            host=self.host, port=self.port, username=self.username, password=self.password, db=self.db,
             socket_read_size=SOCKET_READ_SIZE,
             # A few quick retries ride out a blip; a dead server or a wrong password is
             # reported in well under a second instead of after redis-py's default backoff.
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 3),
             **_FAST_IO,
+            **self.typed_tls_options(),
             **kwargs,
         )
         return redis.Redis(connection_pool=pool)
+
+    def typed_tls_options(self) -> dict[str, Any]:
+        """tls_options as redis-py's URL parser types them (booleans, numbers, verify flags)."""
+        if not self.tls_options:
+            return {}
+        options = redis.connection.parse_url("rediss://?" + urlencode(self.tls_options))
+        del options["connection_class"]
+        return options
 
 
 class RunKey(NamedTuple):
@@ -88,8 +111,9 @@ class RunKey(NamedTuple):
 class RunRedisConnector:
     """ProxyStore connector for one run's keys on an authenticated Redis server."""
 
-    def __init__(self, host: str, port: int, password: str | None, namespace: str) -> None:
-        self.address = RedisAddress(host, port, password)
+    def __init__(self, host: str, port: int, password: str | None, namespace: str, **more: Any) -> None:
+        # `more`: the rest of a RedisAddress (username, db, tls...), so that cls(**config()) rebuilds it.
+        self.address = RedisAddress(host, port, password, **more)
         self.namespace = namespace
         self._client = self.address.client()
 
@@ -102,12 +126,7 @@ class RunRedisConnector:
 
     def config(self) -> dict[str, Any]:
         # Store calls it (its repr when created, its config for proxies); ProxyStore rebuilds with cls(**config).
-        return {
-            "host": self.address.host,
-            "port": self.address.port,
-            "password": self.address.password,
-            "namespace": self.namespace,
-        }
+        return {**dataclasses.asdict(self.address), "namespace": self.namespace}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> RunRedisConnector:
@@ -162,7 +181,7 @@ class TensorStore:
     """
 
     def __init__(self, address: RedisAddress, run_id: str) -> None:
-        connector = RunRedisConnector(address.host, address.port, address.password, run_id)
+        connector = RunRedisConnector(**dataclasses.asdict(address), namespace=run_id)
         # No cache: every key is read once, and a cache would keep old buffers alive.
         self._store = Store(
             f"{run_id}-{uuid.uuid4().hex[:8]}",

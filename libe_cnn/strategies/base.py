@@ -71,6 +71,9 @@ class Strategy:
     workers_keep_state: bool = False
     # Combines the gradients of the replicas of a pipeline too (--parallelism pipeline).
     combines_pipelines: bool = False
+    # Evaluating the parent ends a round early (the workers' models are combined for it), so
+    # evaluations change the math: by default there are none besides the epoch ends.
+    rounds_end_at_evaluations: bool = False
     counters: type[Counters] = field(default=NoCounters)
 
     @property
@@ -114,6 +117,7 @@ class Periodic(Strategy):
     """
 
     workers_keep_state: bool = True
+    rounds_end_at_evaluations: bool = True
     counters: type[Counters] = field(default=RoundCounters)
     # The workers' models are needed every round, not only to evaluate the parent.
     combines_every_round: bool = True

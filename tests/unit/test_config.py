@@ -26,6 +26,8 @@ from libe_cnn.strategies.easgd import elastic_alpha
         ({"gen_device": "tpu"}, "--gen-device"),
         ({"redis_port": 0}, "--redis-port"),
         ({"max_steps": 0}, "--max-steps"),
+        ({"eval_every": -1}, "--eval-every must be at least 0"),
+        ({"eval_subset": -1}, "--eval-subset must be at least 0"),
     ],
 )
 def test_invalid_values_are_user_errors(kwargs, message, tmp_path):
@@ -274,3 +276,13 @@ def test_peer_strategies_need_two_workers(tmp_path):
 def test_a_learning_rate_must_be_a_finite_number(tmp_path, value):
     with pytest.raises(UserError, match="--lr must be positive and finite"):
         config_from_args([f"--lr={value}", "--run-dir", str(tmp_path)])
+
+
+def test_tensorboard_without_its_package_is_a_user_error_naming_the_extra(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(UserError, match=r"pip install 'libe-cnn\[tensorboard\]'"):
+        TrainConfig(run_dir=str(tmp_path), tensorboard=str(tmp_path / "board"))
+    assert TrainConfig(run_dir=str(tmp_path)).tensorboard is None
