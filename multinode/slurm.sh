@@ -18,20 +18,8 @@ set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-.}"
 # module load openmpi                     # CHANGE_ME: your site's MPI, if it is a module
 
-# The environment (multinode/README.md), on a shared file system:
-#  - .venv with mpi4py: `make setup-mpi`, which does nothing once it is installed (run it on a
-#    login node first if the compute nodes have no internet);
-#  - or pixi's, named by PIXI_ENV (site-mpich, site-openmpi or default): activated here, so that
-#    its python and redis-server are on the PATH every rank inherits.
-if [ -n "${PIXI_ENV:-}" ]; then
-    set +u  # activation scripts may read variables that are not set
-    eval "$(pixi shell-hook --frozen --environment "$PIXI_ENV")"
-    set -u
-    PYTHON=$(command -v python)  # absolute: ranks on other nodes may not get this PATH
-elif [ -z "${PYTHON:-}" ]; then
-    make setup-mpi
-    PYTHON=.venv/bin/python
-fi
+# The environment: .venv (make setup-mpi) or pixi's (PIXI_ENV); sets PYTHON.
+source multinode/environment.sh
 
 # Staged before the job (compute nodes often have no internet), e.g. on a login node:
 #   .venv/bin/libe-cnn fetch fashion-mnist --data-dir DATA_DIR

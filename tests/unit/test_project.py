@@ -81,8 +81,9 @@ def test_make_setup_leaves_mpi_to_setup_mpi_which_the_tests_and_job_scripts_use(
     assert targets["test"].split() == ["setup", "setup-mpi"]
     assert targets["setup-mpi"].split() == ["$(VENV)/.installed-mpi"]
     assert "mpi" not in targets["setup"]
+    assert "make setup-mpi" in (ROOT / "multinode" / "environment.sh").read_text()
     for script in ("slurm.sh", "pbs.sh"):
-        assert "make setup-mpi" in (ROOT / "multinode" / script).read_text()
+        assert "source multinode/environment.sh" in (ROOT / "multinode" / script).read_text()
     assert "make setup-mpi" in (ROOT / "multinode" / "README.md").read_text()
 
 
