@@ -191,8 +191,8 @@ def parse_redis_url(url: str) -> dict:
 
 # What may differ when a run is resumed: how long it trains, how often it reports, and
 # where it runs. Everything else would make the resumed run a different experiment.
-RESUME_OPTIONS = ("--epochs", "--max-steps", "--eval-every", "--eval-subset", "--limit-test", "--tensorboard", "--checkpoint-every", "--on-nonfinite",
-                  "--bucket-mb", "--reduce-topology", "--device", "--gen-device", "--comms", "--redis-host",
+RESUME_OPTIONS = ("--epochs", "--max-steps", "--eval-every", "--eval-subset", "--limit-test", "--tensorboard",
+                  "--checkpoint-every", "--on-nonfinite", "--bucket-mb", "--reduce-topology", "--device", "--gen-device", "--comms", "--redis-host",
                   "--redis-port", "--redis-bind", "--redis-user", "--redis-password", "--redis-db", "--redis-servers")
 
 

@@ -58,14 +58,14 @@ class StepGradients:
     keys: list[tuple[TensorStore, str]] = field(default_factory=list)  # what the step left in the store
 
     def wait(self, run, queue: str) -> tuple[list[str] | None, float]:
-        """The next tokens of `queue`, and when they came; None (with the step's keys evicted)
-        if the manager stops the run meanwhile."""
+        """The next tokens of `queue`, and when they came; None if the manager stops the run meanwhile.
+
+        The step's keys then stay until the run's end deletes them all: a worker's chunk reducer
+        may still be reading the gradients, and would fail on a key taken from under it."""
         t0 = time.perf_counter()
         tokens = run.messages.next_tokens(queue)
         t1 = time.perf_counter()
         self.wait_s += t1 - t0
-        if tokens is None:
-            run.servers.evict(self.keys)
         return tokens, t1
 
 
