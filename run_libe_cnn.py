@@ -303,6 +303,11 @@ def train(cfg: TrainConfig) -> dict | None:
             plan, error = comm.bcast((plan, error), root=0)
         if error is not None:
             raise error
+        if comm is not None and plan.config.redis_per_host:
+            from libe_cnn.redis_server import start_host_servers
+
+            more, homes = start_host_servers(comm, plan.redis, plan.config.n_workers, stack)
+            plan = dataclasses.replace(plan, more_redis=more, server_homes=homes)
         if comm is None:
             # Workers are started fresh, not forked: a fork after torch has started its
             # thread pool deadlocks at the first convolution.

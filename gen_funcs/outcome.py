@@ -108,6 +108,9 @@ class Outcome:
             "store_bytes_per_step": store_bytes / steps_here,  # through all the run's servers
             "busiest_server_bytes_per_step": max(per_server) / steps_here,
             "redis_servers": len(per_server),
+            # Each worker's home server (its own host's with --redis-per-host): where its gradients and
+            # parameter chunks go under sync, ring-allreduce and pipelines; the other strategies use the first.
+            "worker_servers": [f"{self.plan.servers[h].host}:{self.plan.servers[h].port}" for h in self.plan.homes],
             "store_bytes_per_sample": store_bytes / samples_here,
             "resumed_at_steps": self.resumed_at,
             "data_files": self.plan.files.paths,

@@ -17,7 +17,8 @@ from libe_cnn.flat import copy_into, flatten_gradients, flatten_parameters, host
 from libe_cnn.rundir import save_state_dict
 from libe_cnn.runtime import all_cores
 from libe_cnn.reduction import reduce_in_order, reduce_is_finite
-from libe_cnn.wire import to_wire
+from libe_cnn.strategies import strategy
+from libe_cnn.wire import ParameterCopy, to_wire
 from mnist.model import build_model, evaluate, make_optimizer
 
 
@@ -37,21 +38,27 @@ class ParentModel:
         self.host_params = host_array(self.flat_params)
         # The whole model's optimizer holds the state (checkpoints save it); how the parameters
         # travel: in buckets where the strategy streams them (sync), else whole.
-        self.optimizer = make_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr)
+        params = list(self.model.parameters())
+        self.optimizer = (strategy(cfg.strategy).make_parent_optimizer(cfg, params)
+                          or make_optimizer(cfg.optimizer, params, cfg.lr))
         # A pipeline's stages are its buckets: each stage's gradient comes and its parameters go as one.
         self.buckets = (stage_buckets(self.model, cfg.split) if cfg.parallelism == "pipeline" else
                         bucket_layout(self.model, (cfg.bucket_mb or math.inf) * 2**20))
-        params = list(self.model.parameters())
         self._bucket_optimizers = [make_optimizer(cfg.optimizer, [params[i] for i in b.params], cfg.lr)
                                    for b in self.buckets]
         self._share_optimizer_state()
         self.version = 0  # changes of the parameters so far: tells whether a saved state is current
+        # int8: the workers' copy of the parameters, which each bucket's change is sent against.
+        self.workers_copy = ParameterCopy(self.flat_params.numel()) if cfg.wire_dtype == "int8" else None
 
     def params_for_wire(self) -> np.ndarray:
         return self.slice_for_wire(0, self.flat_params.numel())
 
-    def slice_for_wire(self, start: int, stop: int) -> np.ndarray:
-        """Parameters [start, stop) of the flat buffer in the wire type (a bucket, or a chunk of one)."""
+    def slice_for_wire(self, start: int, stop: int, exact: bool = True) -> np.ndarray:
+        """Parameters [start, stop) of the flat buffer in the wire type (a bucket, or a chunk of one);
+        int8: their change since last sent, or all of them in float32 when `exact`."""
+        if self.workers_copy is not None:
+            return self.workers_copy.encode(start, stop, self.flat_params[start:stop].detach().cpu().numpy(), exact)
         return to_wire(self.flat_params[start:stop], self.cfg.wire_dtype)
 
     def apply(self, grads: list[np.ndarray], mode: str) -> None:
@@ -73,6 +80,14 @@ class ParentModel:
             copy_into(self.flat_grad, self.host_grad)
         self.optimizer.step()
         self.version += 1
+
+    def outer_step(self, gradient: Callable[[np.ndarray], None]) -> None:
+        """One optimizer step on the gradient `gradient` writes into the host gradient buffer
+        (DiLoCo's pseudo-gradient, from host_params): host_params follow the new parameters."""
+        gradient(self.host_grad)
+        self.step()
+        if self.device.type != "cpu":
+            self.host_params[:] = self.flat_params.cpu().numpy()
 
     def step_by_bucket(self, stepped: Callable[[Bucket], None]) -> None:
         """One optimizer step taken bucket by bucket, the first layers' first, handing each

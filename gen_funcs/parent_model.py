@@ -49,7 +49,7 @@ class GenRun:
         lower_manager_loop_priority()
         self.parent = ParentModel(cfg, torch.device(select_device(cfg.gen_device, 0, gpu_count())))
         self.store = TensorStore(plan.redis, cfg.run_id)
-        self.servers = ServerGroup(plan.servers, cfg.run_id, self.n)  # where the streamed exchange spreads its data
+        self.servers = ServerGroup(plan.servers, cfg.run_id, plan.homes)  # where the streamed exchange spreads its data
         self.liveness = LivenessCheck(plan.redis, cfg.run_id, self.n)
         self.messages = Messenger(cfg, PersistentSupport(libE_info, EVAL_GEN_TAG), self.store, self.liveness,
                                   gen_specs["out"])
@@ -115,8 +115,7 @@ class GenRun:
             t2 = time.perf_counter()
             if got.results is not None:
                 self.screen(got.results, got.rows["shard"], end, "parameters")
-                strategy.combine(cfg, parent.host_params, got.results)
-                parent.host_params_changed()
+                strategy.update_parent(cfg, parent, got.results)
             t3 = time.perf_counter()
             state.advance(n_steps, int(got.rows["n_samples"].sum()), float(got.rows["loss"].mean()),
                           plan.steps_per_epoch)
@@ -134,8 +133,10 @@ class GenRun:
                 states = self.store.get_many(state_keys)
                 self.store.evict(state_keys)
                 self.outcome.checkpoint_completed(workers=states)
-        # A run stopped mid-round keeps its last checkpoint: the workers' states are not here.
-        self.store.evict(sent)
+        # A run stopped mid-round keeps its last checkpoint: the workers' states are not here. Its
+        # workers may still be reading what their round was sent: the run's end deletes that.
+        if state.step == plan.total_steps:
+            self.store.evict(sent)
         self.finish(exchanges=state.counters.exchanges)
 
     def put_worker_states(self, strategy: Periodic) -> list[str]:

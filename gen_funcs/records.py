@@ -77,11 +77,7 @@ class Recorder:
 
     def due(self, step: int, every: int | None) -> bool:
         """At every epoch end, every `every` steps and at the last step."""
-        if step % self.per_step:
-            return False
-        step //= self.per_step
-        return (step % self.plan.steps_per_epoch == 0 or step == self.plan.total_steps
-                or bool(every and step % every == 0))
+        return step % self.per_step == 0 and self.plan.due(step // self.per_step, every)
 
     def eval_due(self, step: int) -> bool:
         return self.due(step, self.plan.eval_every)

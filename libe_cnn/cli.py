@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=None, help=f"learning rate (default: {dataset_default('lr')})")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=d["optimizer"].default, help="(default: %(default)s)")
     g.add_argument("--wire-dtype", choices=WIRE_DTYPES, default=d["wire_dtype"].default,
-                   help="type of gradients and parameters on the wire; 16-bit halves the bytes (default: %(default)s)")
+                   help="type of gradients and parameters on the wire; 16-bit halves the bytes, int8 (sync) "
+                        "quarters them, its rounding carried into the next step (default: %(default)s)")
     g.add_argument("--eval-every", type=int, default=None, metavar="K",
                    help="also evaluate the parent model every K steps, 0 for never (always at each epoch end and "
                         "the last step; default: ten times per epoch, and never for the strategies with rounds, which an "
@@ -131,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--redis-servers", type=int, default=d["redis_servers"].default, metavar="K",
                    help="start K private servers and spread the workers' traffic over them, consecutive workers "
                         "sharing one as the workers of a node would (default: %(default)s)")
+    g.add_argument("--redis-per-host", action="store_true",
+                   help="--comms mpi: start a private server on every host of the launch (the first host's at "
+                        "--redis-bind), each worker's traffic on its own host's")
 
     g = p.add_argument_group("output")
     g.add_argument("--run-dir", default=None, help="where to write the run (default: runs/<timestamp>)")
@@ -193,7 +197,8 @@ def parse_redis_url(url: str) -> dict:
 # where it runs. Everything else would make the resumed run a different experiment.
 RESUME_OPTIONS = ("--epochs", "--max-steps", "--eval-every", "--eval-subset", "--limit-test", "--tensorboard",
                   "--checkpoint-every", "--on-nonfinite", "--bucket-mb", "--reduce-topology", "--device", "--gen-device", "--comms", "--redis-host",
-                  "--redis-port", "--redis-bind", "--redis-user", "--redis-password", "--redis-db", "--redis-servers")
+                  "--redis-port", "--redis-bind", "--redis-user", "--redis-password", "--redis-db", "--redis-servers",
+                  "--redis-per-host")
 
 
 # Fields added after the first release, with the value that gives a run saved before them the
@@ -201,7 +206,8 @@ RESUME_OPTIONS = ("--epochs", "--max-steps", "--eval-every", "--eval-subset", "-
 ADDED_FIELDS = {"bucket_mb": None, "reduce_topology": None, "redis_servers": 1, "agg_prob": None, "model": "cnn",
                 "parallelism": "data", "stages": None, "microbatches": None, "schedule": None, "split": None,
                 "eval_subset": 2000, "tensorboard": None, "redis_user": None, "redis_db": 0, "redis_tls": False,
-                "redis_tls_options": {}}
+                "redis_tls_options": {}, "outer_lr": None, "outer_momentum": None,
+                "redis_per_host": False}
 
 
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:

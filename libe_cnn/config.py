@@ -25,7 +25,7 @@ OPTIMIZERS = ("adam", "adadelta", "sgd")
 STRATEGIES = strategies.STRATEGIES
 ON_NONFINITE = ("stop", "skip")
 COMMS = ("local", "mpi")
-WIRE_DTYPES = ("float32", "bfloat16", "float16")
+WIRE_DTYPES = ("float32", "bfloat16", "float16", "int8")
 # cnn: the dataset's own network (mnist.model); the ResNets take the image datasets.
 MODEL_NAMES = ("cnn", "resnet18", "resnet18-narrow")
 PARALLELISMS = ("data", "pipeline")
@@ -81,6 +81,8 @@ class TrainConfig:
     reduce_topology: str | None = None  # its default depends on N, resolved where it is used
     sync_period: int | None = None
     mix_lambda: float | None = None
+    outer_lr: float | None = None
+    outer_momentum: float | None = None
     elastic_alpha: float | None = None  # easgd's default depends on N, resolved where it is used
     max_staleness: int | None = None
     gossip_topology: str | None = None
@@ -105,6 +107,7 @@ class TrainConfig:
     # redis-py's ssl_* options from REDIS_URL's query, as strings, e.g. {"ssl_ca_certs": "/etc/ca.pem"}
     redis_tls_options: dict[str, str] = field(default_factory=dict)
     redis_servers: int = 1  # private servers to start (one per node, as it were); workers' data is spread over them
+    redis_per_host: bool = False  # --comms mpi: a private server on every host, each worker's data on its own host's
     # --- output ---
     run_dir: str | None = None  # default runs/<timestamp>
     tensorboard: str | None = None  # also write the metrics as TensorBoard events into this directory
@@ -153,6 +156,9 @@ class TrainConfig:
              "--redis-servers starts private servers and --redis-host names one existing server: give only one")
         need(self.redis_servers == 1 or self.redis_port is None,
              "--redis-port fixes the port of one private server: with --redis-servers, leave the ports free")
+        need(not self.redis_per_host or (self.comms == "mpi" and self.redis_bind is not None and self.redis_servers == 1),
+             "--redis-per-host starts a private server on every host of an MPI launch: it needs --comms mpi and "
+             "--redis-bind (the first host's), and no --redis-servers")
         need(self.redis_db >= 0, f"--redis-db must be 0 or more (got {self.redis_db})")
         need(self.redis_host is not None or (self.redis_user is None and self.redis_db == 0 and not self.redis_tls),
              "--redis-user, --redis-db and TLS apply to an existing server (--redis-host or REDIS_URL): "
@@ -198,6 +204,13 @@ class TrainConfig:
         need(self.on_nonfinite == "stop" or chosen.skips_nonfinite,
              f"--on-nonfinite skip applies only to {' and '.join(strategies.skipping_nonfinite())} "
              f"(got --strategy {self.strategy}): a worker whose parameters went non-finite cannot be skipped")
+        # Error feedback needs what each worker sends and the parameters' changes to go through the
+        # generator whole: sync's star, diloco's rounds, on whole models.
+        need(self.wire_dtype != "int8" or (chosen.int8_wire and self.reduce_topology in (None, "star")
+                                           and self.parallelism == "data"),
+             f"--wire-dtype int8 applies to {' and '.join(strategies.int8_strategies())} (sync with --reduce-topology "
+             f"star), with --parallelism data (got --strategy {self.strategy}, --reduce-topology "
+             f"{self.reduce_topology or 'its default'}, --parallelism {self.parallelism})")
 
     def _check_parallelism(self, need) -> None:
         need(self.model in MODEL_NAMES, f"--model must be one of {', '.join(MODEL_NAMES)} (got {self.model!r})")

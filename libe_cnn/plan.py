@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from libe_cnn.config import TrainConfig
 from libe_cnn.errors import UserError
-from libe_cnn.store import RedisAddress
+from libe_cnn.store import RedisAddress, consecutive_homes
 from libe_cnn.strategies import Strategy, strategy
 
 # libEnsemble rows carry store keys and small numbers only, never tensors: the manager keeps
@@ -74,10 +74,18 @@ class RunPlan:
     # Store servers besides `redis` (--redis-servers): workers' data is spread over all of them;
     # queues, heartbeats and the generator's own keys stay on `redis`.
     more_redis: tuple[RedisAddress, ...] = ()
+    # Each worker's server, an index into `servers`: the server of its host (--redis-per-host),
+    # or None: consecutive workers share one (store.consecutive_homes).
+    server_homes: tuple[int, ...] | None = None
 
     @property
     def servers(self) -> tuple[RedisAddress, ...]:
         return (self.redis, *self.more_redis)
+
+    @property
+    def homes(self) -> tuple[int, ...]:
+        """The server each worker writes to."""
+        return self.server_homes or consecutive_homes(self.config.n_workers, len(self.servers))
 
     @property
     def strategy(self) -> Strategy:
@@ -97,6 +105,14 @@ class RunPlan:
     def step_unit(self) -> str:
         """What one recorded step is: one batch on every worker, or one gradient."""
         return self.strategy.step_unit
+
+    def due(self, step: int, every: int | None) -> bool:
+        """Whether `step` (of one batch on every worker) ends an epoch, is a multiple of `every`, or is the last."""
+        return step % self.steps_per_epoch == 0 or step == self.total_steps or bool(every and step % every == 0)
+
+    def checkpoint_at(self, step: int) -> bool:
+        """Whether the run writes a checkpoint after `step` (at epoch ends, every --checkpoint-every, the end)."""
+        return self.due(step, self.config.checkpoint_every)
 
     @property
     def eval_every(self) -> int:
@@ -149,4 +165,5 @@ def plan_from_user(user: dict) -> RunPlan:
         total_steps=plan["total_steps"],
         resume_positions=plan["resume_positions"] and tuple(plan["resume_positions"]),
         more_redis=tuple(RedisAddress(**a) for a in plan["more_redis"]),
+        server_homes=plan["server_homes"] and tuple(plan["server_homes"]),
     )

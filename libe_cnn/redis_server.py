@@ -15,11 +15,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 import redis
 
 from libe_cnn.errors import UserError
 from libe_cnn.store import RedisAddress
+
+if TYPE_CHECKING:
+    from contextlib import ExitStack
 
 INSTALL_HINT = (
     "redis-server not found: install it (Debian/Ubuntu: sudo apt-get install redis-server; "
@@ -137,3 +141,38 @@ class PrivateRedis:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def route_address(host: str) -> str:
+    """This host's address on the route to `host`: where the other hosts can reach a server here."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((socket.gethostbyname(host), 9))  # a datagram socket's connect sends nothing
+        return s.getsockname()[0]
+
+
+def start_host_servers(comm, first: RedisAddress, n_workers: int,
+                       stack: ExitStack) -> tuple[tuple[RedisAddress, ...], tuple[int, ...]]:
+    """--redis-per-host, on every rank of the launch (collective): the first rank on each host
+    but the manager's starts a private server there, on the route to the manager's (`first`),
+    stopped when `stack` closes. Returns those servers (in the order of their hosts' first
+    ranks) and each worker's server, an index into (first, *servers).
+    """
+    from mpi4py import MPI
+
+    hosts = comm.allgather(MPI.Get_processor_name())
+    order = list(dict.fromkeys(hosts))  # the manager's host first
+    rank = comm.Get_rank()
+    started, error = None, None
+    if hosts.index(hosts[rank]) == rank and hosts[rank] != hosts[0]:
+        try:
+            started = stack.enter_context(PrivateRedis(route_address(first.host)))
+        except (UserError, OSError) as e:
+            error = f"on {hosts[rank]}: {e}"
+    # Addresses and passwords travel through MPI, never on a command line.
+    gathered = comm.allgather((started, error))
+    errors = [e for _, e in gathered if e]
+    if errors:
+        raise UserError(f"--redis-per-host could not start a server {errors[0]}")
+    servers = tuple(address for address, _ in gathered if address is not None)
+    # Worker w (shard w - 1) is rank w: its server is its host's.
+    return servers, tuple(order.index(hosts[shard + 1]) for shard in range(n_workers))

@@ -267,9 +267,10 @@ class TensorStore:
         self._store.close()
 
 
-def home_server(shard: int, n_workers: int, n_servers: int) -> int:
-    """The server a worker writes to: consecutive workers share one, as the workers of one node would."""
-    return shard * n_servers // n_workers
+def consecutive_homes(n_workers: int, n_servers: int) -> tuple[int, ...]:
+    """Each worker's server when one machine runs them all: consecutive workers share one, as
+    the workers of one node would."""
+    return tuple(shard * n_servers // n_workers for shard in range(n_workers))
 
 
 class ServerGroup:
@@ -280,18 +281,18 @@ class ServerGroup:
     whoever reads a named entry knows whose it is, hence where it is.
     """
 
-    def __init__(self, addresses: Sequence[RedisAddress], run_id: str, n_workers: int) -> None:
+    def __init__(self, addresses: Sequence[RedisAddress], run_id: str, homes: Sequence[int]) -> None:
         self.stores = [TensorStore(a, run_id) for a in addresses]
-        self.n_workers = n_workers
+        self.homes = tuple(homes)  # each shard's server: an index into `addresses`
 
     def home(self, shard: int) -> TensorStore:
-        return self.stores[home_server(shard, self.n_workers, len(self.stores))]
+        return self.stores[self.homes[shard]]
 
     def by_server(self, items: Sequence[tuple[int, T]]) -> list[tuple[TensorStore, list[T]]]:
         """(shard, item) pairs grouped by the shard's home server, each group in the given order."""
         groups: dict[int, list[T]] = {}
         for shard, item in items:
-            groups.setdefault(home_server(shard, self.n_workers, len(self.stores)), []).append(item)
+            groups.setdefault(self.homes[shard], []).append(item)
         return [(self.stores[i], group) for i, group in groups.items()]
 
     def get_many(self, named: Sequence[tuple[int, str]]) -> list[np.ndarray]:

@@ -14,7 +14,7 @@ Who reduces (--reduce-topology):
 Both reduce in shard order, so they give the same bits.
 
 With several store servers (--redis-servers) each piece lives on the home server of the worker
-it belongs to (libe_cnn.store.home_server): gradient chunks on their sender's, reduced chunks
+it belongs to (RunPlan.homes): gradient chunks on their sender's, reduced chunks
 and parameter chunks on chunk c's owner's (star has one chunk: worker 1's home, the first server).
 
 Names in the store (run-scoped, like every key of the run):
@@ -42,12 +42,12 @@ import torch
 from torch import nn
 
 from libe_cnn.buckets import Bucket, buckets_of_modules, chunk_bounds
-from libe_cnn.flat import copy_into
+from libe_cnn.flat import copy_into, host_array
 from libe_cnn.store import ServerGroup
 from libe_cnn.reduction import finite, reduce_is_finite
 from libe_cnn import waits
 from libe_cnn.waits import POLL_S, Background, Stopped
-from libe_cnn.wire import from_wire, to_wire
+from libe_cnn.wire import ErrorFeedback, from_wire, receive_parameters, to_wire
 
 
 GRAD_ARRIVALS = "grad-arrivals"
@@ -116,8 +116,12 @@ class GradientSender:
     """A worker's thread that puts each gradient bucket as soon as backward has finished it:
     to the generator whole (star), or cut into chunks, each to the worker that reduces it (ring)."""
 
-    def __init__(self, servers: ServerGroup, shard: int, layout: Layout, flat_grad: torch.Tensor, wire: str) -> None:
+    def __init__(self, servers: ServerGroup, shard: int, layout: Layout, flat_grad: torch.Tensor, wire: str,
+                 exact: Callable[[int], bool] | None = None) -> None:
+        """`exact(step)`: whether an int8 wire sends `step`'s gradient whole (float32)."""
         self.servers, self.shard, self.layout, self.flat_grad, self.wire = servers, shard, layout, flat_grad, wire
+        self.exact = exact
+        self.feedback = ErrorFeedback(flat_grad.numel()) if wire == "int8" else None
         self._thread = Background(f"gradient-sender-{shard}")
 
     @property
@@ -130,11 +134,15 @@ class GradientSender:
 
     def _put(self, step: int, index: int, loss: float) -> None:
         chunks = self.layout.chunks(index)
-        self.servers.home(self.shard).put_many([(grad_name(step, self.shard, index, c),
-                                                 to_wire(self.flat_grad[start:stop], self.wire))
+        self.servers.home(self.shard).put_many([(grad_name(step, self.shard, index, c), self._encode(step, start, stop))
                                                 for c, (start, stop) in enumerate(chunks)])
         queues = [chunks_for(c) for c in range(len(chunks))] if self.layout.ring else [GRAD_ARRIVALS]
         self.servers.stores[0].notify(queues, grad_token(step, self.shard, index, loss))
+
+    def _encode(self, step: int, start: int, stop: int) -> np.ndarray:
+        if self.feedback is None:
+            return to_wire(self.flat_grad[start:stop], self.wire)
+        return self.feedback.encode(start, stop, self.flat_grad[start:stop].detach().cpu().numpy(), self.exact(step))
 
     def flush(self) -> None:
         """Wait until every bucket submitted is in the store (backward may then reuse the buffer)."""
@@ -212,6 +220,9 @@ class ParameterLoader:
 
     def __init__(self, servers: ServerGroup, shard: int, layout: Layout, flat_params: torch.Tensor, wire: str) -> None:
         self.servers, self.shard, self.layout, self.flat_params, self.wire = servers, shard, layout, flat_params, wire
+        # What the model holds, on the host (the model's own memory on the CPU): an int8 wire
+        # brings changes to it.
+        self.held = host_array(flat_params)
         self.busy_s = 0.0  # time spent fetching and copying, beside the compute
         self.error: Exception | None = None
         self.loaded = [threading.Event() for _ in layout.buckets]
@@ -244,7 +255,9 @@ class ParameterLoader:
                     chunks = self.layout.chunks(index)
                     arrays = self.servers.get_many([(c, params_name(version, index, c)) for c in range(len(chunks))])
                     for (start, stop), array in zip(chunks, arrays):
-                        copy_into(self.flat_params[start:stop], from_wire(array, self.wire))
+                        receive_parameters(self.held[start:stop], array, self.wire)
+                        if self.flat_params.device.type != "cpu":
+                            copy_into(self.flat_params[start:stop], self.held[start:stop])
                     self.busy_s += time.perf_counter() - t0
                     self.loaded[index].set()
             except Exception as e:  # reported to the worker's own thread by wait

@@ -188,10 +188,11 @@ def _reduce_reduced(run, step: int, layout: Layout) -> StepGradients | None:
     return got
 
 
-def publish(run, layout: Layout, senders: Senders, version: int, bucket: Bucket) -> None:
+def publish(run, layout: Layout, senders: Senders, version: int, bucket: Bucket, exact: bool = True) -> None:
     """Put one bucket of the parent's parameters (chunk by chunk, each on its owner's server)
-    and tell the workers that load it that it is there."""
-    run.servers.put_many([(chunk, params_name(version, bucket.index, chunk), run.parent.slice_for_wire(start, stop))
+    and tell the workers that load it that it is there (`exact`: whole, even on an int8 wire)."""
+    run.servers.put_many([(chunk, params_name(version, bucket.index, chunk),
+                           run.parent.slice_for_wire(start, stop, exact))
                           for chunk, (start, stop) in enumerate(layout.chunks(bucket.index))])
     run.store.notify([params_ready(s) for s in senders.readers(bucket.index)], f"{version} {bucket.index}")
 
@@ -214,7 +215,8 @@ class Publisher:
             return
         t0 = time.perf_counter()
         try:
-            publish(self.run, self.layout, self.senders, self.version, bucket)
+            # int8: whole at checkpoints, so that a run resumed there gets what this one sends.
+            publish(self.run, self.layout, self.senders, self.version, bucket, self.run.plan.checkpoint_at(self.version))
         except Exception as e:  # noqa: BLE001 - raised by raise_error once the step is complete
             self.error = e
         self.seconds += time.perf_counter() - t0

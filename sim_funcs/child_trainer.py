@@ -136,7 +136,9 @@ class ChildWorker:
         cfg = self.cfg
         layout = exchange_layout(bucket_layout(self.model, cfg.bucket_mb * 2**20), cfg)
         loader = ParameterLoader(self.server_group(), self.shard, layout, self.flat_params, cfg.wire_dtype)
-        sender = GradientSender(self.server_group(), self.shard, layout, self.flat_grad, cfg.wire_dtype)
+        # int8: the gradients of a step that ends at a checkpoint go whole (libe_cnn/wire.py).
+        sender = GradientSender(self.server_group(), self.shard, layout, self.flat_grad, cfg.wire_dtype,
+                                exact=lambda step: self.plan.checkpoint_at(step + 1))
         reducer = (ChunkReducer(self.server_group(), self.shard, layout, cfg.wire_dtype, cfg.reduce)
                    if layout.ring else None)
         threads = [loader, sender] + ([reducer] if reducer else [])
@@ -235,7 +237,7 @@ class ChildWorker:
 
     def server_group(self) -> ServerGroup:
         """Connections to every store server of the run (each thread of the exchange needs its own)."""
-        return ServerGroup(self.plan.servers, self.cfg.run_id, self.cfg.n_workers)
+        return ServerGroup(self.plan.servers, self.cfg.run_id, self.plan.homes)
 
     def restore_own_state(self, optimizer) -> None:
         """Resuming: this worker's parameters and optimizer state, as the checkpoint holds them."""
@@ -266,7 +268,7 @@ class ChildWorker:
                 n_samples += len(y)
                 t += 1
             t2 = time.perf_counter()
-            key = self.put(self.flat_params, strategy.result_name(t, self.shard))
+            key = self.store.put(strategy.result_for_wire(self, row, memo), strategy.result_name(t, self.shard))
             t3 = time.perf_counter()
             strategy.after_put(self, memo)
             state_key = ""

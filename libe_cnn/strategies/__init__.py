@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from libe_cnn.strategies import (
     async_,
+    diloco,
     easgd,
     elastic_gossip,
     gossip,
@@ -21,7 +22,7 @@ from libe_cnn.strategies.base import Option, Strategy
 
 REGISTRY: dict[str, Strategy] = {m.STRATEGY.name: m.STRATEGY for m in
                                  (sync, ring_allreduce, async_, param_avg, weighted_param_avg, easgd, gossip,
-                                  elastic_gossip, local)}
+                                  elastic_gossip, diloco, local)}
 STRATEGIES = tuple(REGISTRY)
 DEFAULT = sync.STRATEGY.name
 
@@ -62,6 +63,11 @@ def option_help(option: Option) -> str:
 def skipping_nonfinite() -> list[str]:
     """The strategies that can leave a non-finite contribution out (--on-nonfinite skip)."""
     return [name for name, s in REGISTRY.items() if s.skips_nonfinite]
+
+
+def int8_strategies() -> list[str]:
+    """The strategies that take --wire-dtype int8."""
+    return [name for name, s in REGISTRY.items() if s.int8_wire]
 
 
 def takers(option: Option) -> list[str]:

@@ -65,6 +65,9 @@ class Strategy:
     needs_peers: bool = False
     # A non-finite contribution can be left out and the run go on (--on-nonfinite skip).
     skips_nonfinite: bool = False
+    # Takes --wire-dtype int8: each worker's gradient and the parameters' changes go whole through
+    # the generator every step, so that the rounding can be carried over (libe_cnn/wire.py).
+    int8_wire: bool = False
     # One recorded step is one gradient (N per round of batches) instead of one batch on every worker.
     counts_gradients: bool = False
     # Each worker keeps parameters and optimizer state of its own, which checkpoints must hold.
@@ -99,6 +102,10 @@ class Strategy:
     def done_detail(self, summary: dict) -> str:
         """What the final line adds after the step count, from summary.json."""
         return ""
+
+    def make_parent_optimizer(self, cfg, params: list):
+        """An optimizer of the strategy's own for the parent, or None: the run's --optimizer and --lr."""
+        return None
 
     def run_generator(self, run) -> None:
         raise NotImplementedError
@@ -138,6 +145,11 @@ class Periodic(Strategy):
         """The new parent from the workers' parameters, in place (results: shard order)."""
         raise NotImplementedError
 
+    def update_parent(self, cfg, parent, results: list[np.ndarray]) -> None:
+        """Change the ParentModel `parent` by the workers' parameters: by `combine` by default."""
+        self.combine(cfg, parent.host_params, results)
+        parent.host_params_changed()
+
     def keeps_results(self) -> bool:
         """The workers read each other's results next round: keep them until then."""
         return False
@@ -160,6 +172,12 @@ class Periodic(Strategy):
     def result_name(self, t: int, shard: int) -> str | None:
         """The store name of a worker's parameters after t local steps (None: a fresh key)."""
         return None
+
+    def result_for_wire(self, worker, row: np.void, memo: dict) -> np.ndarray:
+        """What a worker sends at a round's end: its parameters, in the wire type."""
+        from libe_cnn.wire import to_wire  # torch: not needed to parse the command line
+
+        return to_wire(worker.flat_params, worker.cfg.wire_dtype)
 
     def after_put(self, worker, memo: dict) -> None:
         """What a worker does once its parameters are sent."""

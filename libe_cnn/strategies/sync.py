@@ -45,6 +45,8 @@ def reduce_topology(cfg) -> str:
     """The topology: given, or chosen by where the run is and N (N may be set by an MPI launch after parsing)."""
     if cfg.reduce_topology is not None:
         return cfg.reduce_topology
+    if cfg.wire_dtype == "int8":  # its rounding is carried over on the generator's side of star
+        return "star"
     return "ring" if cfg.comms == "mpi" and cfg.n_workers >= RING_FROM_N else "star"
 
 
@@ -132,5 +134,5 @@ class Sync(Strategy):
 STRATEGY = Sync(
     "sync", "every step, the sum (or mean) of all workers' gradients, one optimizer step",
     options=(REDUCE, BUCKET_MB, REDUCE_TOPOLOGY), parent_optimizer=True, skips_nonfinite=True, counters=SyncCounters,
-    combines_pipelines=True,
+    combines_pipelines=True, int8_wire=True,
 )

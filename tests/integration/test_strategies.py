@@ -73,7 +73,7 @@ def reference_run(files, strategy: str, seed: int, n_train: int, n: int, batch: 
     """N worker models trained in one process with the strategy's math, on the same batches.
 
     Returns the state_dict of the model the ensemble saves: the parent (param-avg,
-    weighted-param-avg), the center (easgd) or the workers' mean (gossip, elastic-gossip, local).
+    weighted-param-avg, diloco), the center (easgd) or the workers' mean (gossip, elastic-gossip, local).
     """
     parent = build_model(seed, dropout=False)
     parent_flat = flatten_parameters(parent).numpy()
@@ -86,6 +86,7 @@ def reference_run(files, strategy: str, seed: int, n_train: int, n: int, batch: 
     orders = [BatchOrder(len(y), seed, s, len(y) // batch, batch) for s, (_, y) in enumerate(shards)]
     alpha = EASGD_BETA / n
     rounds = [(start, min(start + period, steps)) for start in range(0, steps, period)]
+    outer_momentum = None  # diloco's Nesterov buffer
     for r, (start, end) in enumerate(rounds):
         for s, (model, opt) in enumerate(zip(models, optimizers)):
             for t in range(start, end):
@@ -100,13 +101,17 @@ def reference_run(files, strategy: str, seed: int, n_train: int, n: int, batch: 
             average_parameters(sent, parent_flat)
         elif strategy == "weighted-param-avg":
             mix_parameters(parent_flat, average_parameters(sent, np.empty_like(parent_flat)), 0.5)
+        elif strategy == "diloco":  # SGD with Nesterov momentum on parent - mean, the defaults 0.7 and 0.9
+            g = parent_flat - average_parameters(sent, np.empty_like(parent_flat))
+            outer_momentum = g if outer_momentum is None else np.float32(0.9) * outer_momentum + g
+            parent_flat -= np.float32(0.7) * (g + np.float32(0.9) * outer_momentum)
         elif strategy == "easgd":
             center_before = parent_flat.copy()
             elastic_center_update(parent_flat, sent, alpha)
         if r == len(rounds) - 1:
             break
         for s, w in enumerate(workers):  # what each worker does with the generator's answer
-            if strategy in ("param-avg", "weighted-param-avg"):
+            if strategy in ("param-avg", "weighted-param-avg", "diloco"):
                 np.copyto(w, parent_flat)
             elif strategy == "easgd":
                 elastic_pull(w, center_before, alpha)

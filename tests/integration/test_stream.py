@@ -18,7 +18,7 @@ from libe_cnn.buckets import bucket_layout
 from libe_cnn.config import TrainConfig
 from libe_cnn.flat import flatten_gradients, flatten_parameters
 from libe_cnn.plan import GEN_OUT
-from libe_cnn.store import ServerGroup, TensorStore, delete_run_keys, run_keys
+from libe_cnn.store import ServerGroup, TensorStore, consecutive_homes, delete_run_keys, run_keys
 from libe_cnn.reduction import reduce_in_order
 from libe_cnn.stream import Layout
 from libe_cnn.stream_generator import Senders, reduce_step
@@ -36,8 +36,8 @@ def run_id(redis_address, second_redis, request):
 def streamed_worker(redis_address, run_id, model, buckets, stopped=lambda: False):
     flat_params, flat_grad = flatten_parameters(model), flatten_gradients(model)
     layout = Layout(buckets, 1)
-    loader = stream.ParameterLoader(ServerGroup([redis_address], run_id, 1), 0, layout, flat_params, "float32")
-    sender = stream.GradientSender(ServerGroup([redis_address], run_id, 1), 0, layout, flat_grad, "float32")
+    loader = stream.ParameterLoader(ServerGroup([redis_address], run_id, [0]), 0, layout, flat_params, "float32")
+    sender = stream.GradientSender(ServerGroup([redis_address], run_id, [0]), 0, layout, flat_grad, "float32")
     return stream.StreamedModel(model, buckets, loader, sender, stopped), flat_grad
 
 
@@ -108,7 +108,8 @@ def generator(addresses, run_id, tmp_path, n, on_nonfinite, reduce="sum"):
     no_mail = types.SimpleNamespace(comm=types.SimpleNamespace(mail_flag=lambda: False))  # nobody stops it
     messages = Messenger(cfg, no_mail, store, None, GEN_OUT)
     parent = ParentModel(cfg, torch.device("cpu"))
-    return types.SimpleNamespace(n=n, cfg=cfg, parent=parent, store=store, servers=ServerGroup(addresses, run_id, n),
+    return types.SimpleNamespace(n=n, cfg=cfg, parent=parent, store=store, 
+                                 servers=ServerGroup(addresses, run_id, consecutive_homes(n, len(addresses))),
                                  messages=messages, screen=messages.screen)
 
 
@@ -159,9 +160,9 @@ def ring_step(run, run_id, step, grads, losses, wire="float32"):
     workers = []
     for shard, grad in enumerate(grads):
         flat = torch.from_numpy(grad)
-        workers.append((stream.GradientSender(ServerGroup(addresses, run_id, run.n), shard, layout,
+        workers.append((stream.GradientSender(ServerGroup(addresses, run_id, run.servers.homes), shard, layout,
                                               flat, wire),
-                        stream.ChunkReducer(ServerGroup(addresses, run_id, run.n), shard, layout,
+                        stream.ChunkReducer(ServerGroup(addresses, run_id, run.servers.homes), shard, layout,
                                             wire, run.cfg.reduce)))
     for index in range(len(layout.buckets)):  # backward's order on every worker
         for shard, (sender, _) in enumerate(workers):
@@ -194,7 +195,7 @@ def test_ring_gives_the_generator_the_same_bits_as_star(redis_address, second_re
     assert got.good == [0, 1, 2] and got.losses == [0.25, 0.5, 0.75]
     assert np.array_equal(ring.parent.host_grad, star.parent.host_grad)
     if servers == 2:  # each worker's chunks on its own home server: workers 1-2 on the first, 3 on the second
-        second = ServerGroup([second_redis], run_id, 1).stores[0]
+        second = ServerGroup([second_redis], run_id, [0]).stores[0]
         assert second.get(second.key(stream.grad_name(1, 2, 0, 1))) is not None
         with pytest.raises(KeyError):
             second.get(second.key(stream.grad_name(1, 1, 0, 1)))

@@ -1,9 +1,14 @@
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+import torch
 
 from libe_cnn.strategies.async_ import staleness_weight
 from libe_cnn.strategies.base import average_parameters
 from libe_cnn.strategies.base import reduce_in_order as reduce_gradients
+from libe_cnn.strategies.diloco import STRATEGY as DILOCO
+from libe_cnn.strategies.diloco import pseudo_gradient
 from libe_cnn.strategies.easgd import elastic_center_update, elastic_pull
 from libe_cnn.strategies.elastic_gossip import elastic_exchange
 from libe_cnn.strategies.gossip import gossip_pairing, pairwise_average
@@ -261,3 +266,28 @@ def test_staleness_weight_keeps_or_drops():
     assert staleness_weight(0, 0) == 1.0
     with pytest.raises(ValueError):
         staleness_weight(-1, 2)
+
+
+def test_the_pseudo_gradient_is_the_parent_minus_the_workers_mean():
+    parent, workers = grads(1, seed=1)[0], grads(3, seed=2)
+    out = np.empty_like(parent)
+    assert pseudo_gradient(parent, workers, out) is out
+    np.testing.assert_allclose(out, parent - np.mean(workers, axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_diloco_steps_the_parent_with_nesterov_momentum():
+    """buf = m buf + g; parent -= lr (g + m buf): DiLoCo's outer SGD, and plain SGD without momentum."""
+    p = torch.nn.Parameter(torch.zeros(10))
+    outer = DILOCO.make_parent_optimizer(SimpleNamespace(outer_lr=0.7, outer_momentum=0.9), [p])
+    expected, buf = np.zeros(10, np.float32), None
+    for g in grads(3, seed=3):
+        p.grad = torch.from_numpy(g)
+        outer.step()
+        buf = g if buf is None else np.float32(0.9) * buf + g
+        expected -= np.float32(0.7) * (g + np.float32(0.9) * buf)
+    np.testing.assert_allclose(p.detach().numpy(), expected, rtol=1e-5, atol=1e-6)
+    q = torch.nn.Parameter(torch.ones(10))
+    plain = DILOCO.make_parent_optimizer(SimpleNamespace(outer_lr=1.0, outer_momentum=0.0), [q])
+    q.grad = torch.full((10,), 0.25)
+    plain.step()
+    assert torch.equal(q.detach(), torch.full((10,), 0.75))  # outer lr 1, no momentum: param-avg's parent

@@ -92,6 +92,14 @@ def test_cli_options_reach_the_config(tmp_path):
         ({"strategy": "param-avg", "sync_period": 0}, "--sync-period must be at least 1"),
         ({"strategy": "weighted-param-avg", "mix_lambda": 0.0}, r"--mix-lambda must be in \(0, 1\]"),
         ({"strategy": "weighted-param-avg", "mix_lambda": 1.5}, r"--mix-lambda must be in \(0, 1\]"),
+        ({"strategy": "async", "wire_dtype": "int8"}, r"--wire-dtype int8 applies to sync and diloco \(sync with --reduce-topology star\)"),
+        ({"wire_dtype": "int8", "reduce_topology": "ring"}, r"--reduce-topology ring"),
+        ({"wire_dtype": "int8", "parallelism": "pipeline", "n_workers": 2}, r"--parallelism pipeline\)"),
+        ({"redis_per_host": True}, "--redis-per-host starts a private server on every host"),
+        ({"redis_per_host": True, "comms": "mpi", "redis_bind": "0.0.0.0", "redis_servers": 2}, "no --redis-servers"),
+        ({"strategy": "diloco", "outer_lr": 0.0}, r"--outer-lr must be in \(0, 2\]"),
+        ({"strategy": "diloco", "outer_momentum": 1.0}, r"--outer-momentum must be in \[0, 1\)"),
+        ({"strategy": "param-avg", "outer_lr": 0.5}, r"--outer-lr does not apply to --strategy param-avg \(only to diloco\)"),
         ({"strategy": "easgd", "elastic_alpha": 0.0}, "--elastic-alpha must be positive"),
         ({"strategy": "easgd", "n_workers": 4, "elastic_alpha": 0.3}, "at most 1/N"),
         ({"strategy": "param-avg", "elastic_alpha": 0.1},
@@ -162,6 +170,7 @@ def test_versions_of_one_option_parse_alike_and_each_has_its_help(tmp_path):
                                       "(at most 0.5; 0.5 is gossip's average) (default: 0.25)")
     assert helps["agg_prob"].startswith("gossip, elastic-gossip: ") and helps["agg_prob"].endswith("(default: 1.0)")
     assert helps["sync_period"].startswith("param-avg, weighted-param-avg, easgd, gossip, elastic-gossip: ")
+    assert helps["sync_period"].endswith("; diloco: inner steps between outer steps (default: 32)")
     cfg = config_from_args(["--strategy", "elastic-gossip", "--elastic-alpha", "0.4", "--agg-prob", "0.5",
                             "--run-dir", str(tmp_path / "r")])
     assert (cfg.elastic_alpha, cfg.agg_prob) == (0.4, 0.5)
@@ -247,6 +256,8 @@ def test_sync_chooses_its_topology_by_comms_and_n_unless_told(tmp_path, comms, n
     assert reduce_topology(TrainConfig(n_workers=n, run_dir=str(tmp_path), **where)) == topology
     told = "star" if topology == "ring" else "ring"
     assert reduce_topology(TrainConfig(n_workers=n, reduce_topology=told, run_dir=str(tmp_path), **where)) == told
+    # int8's rounding is carried over on the generator's side of star.
+    assert reduce_topology(TrainConfig(n_workers=n, wire_dtype="int8", run_dir=str(tmp_path), **where)) == "star"
 
 
 @pytest.mark.parametrize("saved", ["{}", '{"lr": 0.1}', "[]"])
