@@ -93,9 +93,30 @@ def single_process(w: Workload, threads: int, steps: int, warmup: int, union: bo
     return samples / (time.perf_counter() - start)
 
 
+@dataclass(frozen=True)
+class DdpStop:
+    """When rank 0 ends a DDP run early, decided at each evaluation: the test accuracy reached
+    `target`, or the training time (evaluations excluded) passed `budget_s`."""
+
+    target: float | None = None
+    budget_s: float | None = None
+
+    def reached(self, wall_s: float, accuracy: float) -> bool:
+        return ((self.target is not None and accuracy >= self.target)
+                or (self.budget_s is not None and wall_s > self.budget_s))
+
+
 def _ddp_rank(rank: int, w: Workload, threads: int, steps: int, warmup: int, port: int, queue,
-              eval_every: int | None, test_set) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+              eval_every: int | None, test_set, *, master_addr: str = "127.0.0.1",
+              eval_steps: frozenset[int] | None = None, stop: DdpStop | None = None) -> None:
+    """One DDP rank; rank 0 puts its result with `queue.put(dict)` (a queue, or anything with put).
+
+    Evaluations (rank 0, on `test_set`) come every `eval_every` steps, or at the steps of
+    `eval_steps` (counted from 1, warm-up included) when given. The master is `master_addr`:
+    this machine for processes spawned here, host 0's address for ranks in other hosts
+    (benchmarks/links.py). With `stop`, rank 0 may end the run at an evaluation.
+    """
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(port))
     set_threads(threads)
     dist.init_process_group("gloo", rank=rank, world_size=w.n_workers)
     try:
@@ -104,7 +125,7 @@ def _ddp_rank(rank: int, w: Workload, threads: int, steps: int, warmup: int, por
         torch.manual_seed(w.seed * 7919 + rank + 1)
         model = torch.nn.parallel.DistributedDataParallel(build_model(w.seed).train())
         optimizer = make_optimizer(w.optimizer, model.parameters(), w.lr)
-        curve, samples = [], 0
+        curve, samples, steps_done = [], 0, 0
         dist.barrier()
         start = time.perf_counter()
         eval_s = 0.0
@@ -117,17 +138,29 @@ def _ddp_rank(rank: int, w: Workload, threads: int, steps: int, warmup: int, por
             F.nll_loss(model(bx), by).backward()  # DDP all-reduces (averages) during backward
             optimizer.step()
             samples += len(by) * w.n_workers
-            if eval_every and (step + 1) % eval_every == 0:
+            steps_done = step + 1
+            due = (step + 1) in eval_steps if eval_steps is not None else eval_every and (step + 1) % eval_every == 0
+            if due:
                 t0 = time.perf_counter()
+                ended = False
                 if rank == 0:
                     loss, acc = evaluate(model.module, *test_set)
                     curve.append({"step": step + 1, "wall_s": t0 - start - eval_s, "test_accuracy": acc})
-                dist.barrier()
+                    ended = stop is not None and stop.reached(t0 - start - eval_s, acc)
+                if stop is None:
+                    dist.barrier()
+                else:  # rank 0's decision reaches every rank, and holds them as the barrier does
+                    flag = torch.tensor([int(ended)])
+                    dist.broadcast(flag, src=0)
+                    ended = bool(flag.item())
                 eval_s += time.perf_counter() - t0
+                if ended:
+                    break
         dist.barrier()
         elapsed = time.perf_counter() - start - eval_s
         if rank == 0:
-            queue.put({"samples_per_s": samples / elapsed, "curve": curve})
+            queue.put({"samples_per_s": samples / elapsed, "curve": curve, "steps": steps_done,
+                       "warmup": warmup})
     finally:
         dist.destroy_process_group()
 

@@ -182,10 +182,18 @@ def status(prefix: str = DEFAULT_PREFIX) -> list[tuple[str, str, str]]:
     return rows
 
 
-def mpiexec_options(names: Sequence[str], prefix: str = DEFAULT_PREFIX, slots: int | None = None,
+def mpiexec_options(names: Sequence[str], prefix: str = DEFAULT_PREFIX, slots: int | Sequence[int] | None = None,
                     mpich: bool = False) -> list[str]:
-    """Options for Open MPI 4.1's mpiexec (MPICH's with mpich=True) that run a job across these hosts."""
-    hosts = ",".join(f"{n}:{slots}" if slots else n for n in names)
+    """Options for Open MPI 4.1's mpiexec (MPICH's with mpich=True) that run a job across these hosts.
+
+    `slots`: ranks per host, one count for all or one per host: [2, 1] puts ranks 0 and 1 (the
+    trainer's manager and its first worker) on the first host and rank 2 on the second, as both
+    MPIs fill a host's slots in order before the next.
+    """
+    counts = [slots] * len(names) if slots is None or isinstance(slots, int) else list(slots)
+    if len(counts) != len(names):
+        raise UserError(f"slots gives {len(counts)} counts for {len(names)} hosts: give one per host")
+    hosts = ",".join(f"{n}:{c}" if c else n for n, c in zip(names, counts))
     if mpich:  # hydra calls its agent as ssh: `AGENT -x HOST WORDS...`
         return ["-launcher", "ssh", "-launcher-exec", str(agent_path(prefix)), "-hosts", hosts]
     # ob1 with the tcp and self BTLs: no shared memory, UCX or OFI between "hosts" that share a kernel.
@@ -241,7 +249,7 @@ class Hosts:
     def popen(self, i: int, argv: Sequence[str], **kw) -> subprocess.Popen:
         return subprocess.Popen(self.argv(i, argv), **kw)
 
-    def mpiexec_options(self, slots: int | None = None, mpich: bool = False) -> list[str]:
+    def mpiexec_options(self, slots: int | Sequence[int] | None = None, mpich: bool = False) -> list[str]:
         return mpiexec_options(self.names, self.prefix, slots, mpich)
 
 
