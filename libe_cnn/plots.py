@@ -15,9 +15,14 @@ from matplotlib.ticker import MaxNLocator
 from libe_cnn.errors import UserError
 from libe_cnn.rundir import atomic_write
 
-# Config fields that differ between runs without saying anything about how they trained.
-IGNORED_FIELDS = ("run_dir", "run_id", "data_dir")
-IGNORED_PREFIXES = ("redis_",)
+# Config fields that differ between runs without changing how they trained or what their curves
+# measure: where the run and its data live, its names, how it was started (resume), what else it
+# wrote (TensorBoard events, checkpoints), how often it evaluated (the points show that), and how
+# it reached its Redis. How many Redis servers, and on which hosts, is compared: it changes the
+# wall time. So are the evaluation's test samples (--eval-subset, --limit-test): they change the accuracy.
+IGNORED_FIELDS = ("run_dir", "run_id", "data_dir", "resume", "tensorboard", "checkpoint_every", "eval_every",
+                  "redis_host", "redis_port", "redis_bind", "redis_password", "redis_user", "redis_db",
+                  "redis_tls", "redis_tls_options")
 # In labels these come first, in this order; the other fields follow in config.json's order.
 LEADING_FIELDS = ("strategy", "n_workers", "batch_size", "dataset")
 
@@ -144,18 +149,55 @@ def settings_label(config: dict[str, Any], fallback: str) -> str:
 
 
 def _compared(key: str) -> bool:
-    return key not in IGNORED_FIELDS and not key.startswith(IGNORED_PREFIXES)
+    return key not in IGNORED_FIELDS
+
+
+def _filled(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with the fields a run saved before they existed at the value that run trained with."""
+    from libe_cnn.cli import ADDED_FIELDS  # the trainer's options: imported only for labels
+
+    if not config:  # no config.json: nothing is known
+        return config
+    return {**config, **{k: v for k, v in ADDED_FIELDS.items() if k not in config}}
+
+
+def _not_applicable(key: str, config: dict[str, Any]) -> bool:
+    """Whether `key` is an option that the run's strategy or parallelism takes no version of."""
+    from libe_cnn import strategies
+    from libe_cnn.config import PIPELINE_DEFAULTS
+
+    if key in PIPELINE_DEFAULTS:
+        return config.get("parallelism", "data") == "data"
+    if key in strategies.all_options():
+        chosen = strategies.REGISTRY.get(config.get("strategy"))
+        return chosen is not None and chosen.option(key) is None
+    return False
+
+
+def check_comparable(runs: list[Run]) -> None:
+    """Refuse to overlay runs on different datasets: their losses and accuracies are not comparable."""
+    first: dict[str, Run] = {}  # each dataset's first run
+    for run in runs:
+        if run.config.get("dataset"):
+            first.setdefault(str(run.config["dataset"]), run)
+    if len(first) > 1:
+        named = ", ".join(f"{dataset} ({run.run_dir})" for dataset, run in first.items())
+        raise UserError(f"cannot overlay runs on different datasets, {named}: their curves are not "
+                        "comparable; plot each dataset's runs in their own figure")
 
 
 def run_labels(runs: list[Run]) -> list[str]:
     """Legend labels: the config fields whose values differ between the runs, e.g. `strategy=easgd, n_workers=4`."""
-    keys = list(dict.fromkeys([*LEADING_FIELDS, *(k for run in runs for k in run.config if _compared(k))]))
-    differing = [k for k in keys if len({json.dumps(run.config.get(k)) for run in runs}) > 1]
-    # An option that does not apply to some of the runs (null there, like --sync-period of
-    # sync) follows from their strategy: name it only if nothing else tells them apart.
-    differing = [k for k in differing if all(run.config.get(k) is not None for run in runs)] or differing
+    configs = [_filled(run.config) for run in runs]
+    keys = list(dict.fromkeys([*LEADING_FIELDS, *(k for config in configs for k in config if _compared(k))]))
+    differing = [k for k in keys if len({json.dumps(config.get(k), sort_keys=True) for config in configs}) > 1]
+    # An option that does not apply to some of the runs (null there, like --sync-period of sync)
+    # follows from their strategy or parallelism: name it only if nothing else tells them apart.
+    # Any other null is a setting of its own (--limit-train not given: all samples) and is named.
+    differing = [k for k in differing
+                 if not any(c.get(k) is None and _not_applicable(k, c) for c in configs)] or differing
     if differing:
-        labels = [", ".join(f"{k}={run.config.get(k)}" for k in differing) for run in runs]
+        labels = [", ".join(f"{k}={config.get(k)}" for k in differing) for config in configs]
     else:
         labels = [settings_label(run.config, run.run_dir.name) for run in runs]
     if len(set(labels)) < len(labels):  # same settings: only the directory tells the runs apart
@@ -257,6 +299,7 @@ def write_curves(run_dirs: list[Path], out: Path) -> None:
     if not out.parent.is_dir():
         raise UserError(f"cannot write {out}: directory {out.parent} does not exist; create it first")
     check_output(run_dirs, out)
+    check_comparable(runs)
     labels = run_labels(runs)
     data = json.dumps(curves_data(runs, labels), indent=1, allow_nan=False) + "\n"
     fig = draw(runs, labels)

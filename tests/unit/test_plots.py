@@ -98,6 +98,62 @@ def test_options_that_follow_from_the_strategy_stay_out_of_the_labels(tmp_path):
     assert run_labels(runs[1:]) == ["sync_period=4", "sync_period=8"]
 
 
+def saved_config(tmp_path: Path, name: str, **options) -> dict:
+    """config.json as the trainer saves it, every field of TrainConfig."""
+    from libe_cnn.config import TrainConfig
+
+    return TrainConfig(run_dir=str(tmp_path / name), **options).public_dict()
+
+
+def saved_run(path: Path, config: dict):
+    """A run of make_run's metrics with `config` as its config.json."""
+    make_run(path)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return read_run(path)
+
+
+def test_labels_leave_out_bookkeeping_and_name_every_setting_that_differs(tmp_path):
+    resumed = saved_config(tmp_path, "a", dataset="iris", n_workers=2, resume=True, tensorboard=str(tmp_path / "tb"),
+                           checkpoint_every=5, eval_every=3, redis_bind="127.0.0.1")
+    capped = saved_config(tmp_path, "b", dataset="iris", n_workers=4, limit_train=60, max_steps=20)
+    runs = [saved_run(tmp_path / "a", resumed), saved_run(tmp_path / "b", capped)]
+    # A setting left out (null: all samples, no step limit) is a setting; resuming, TensorBoard,
+    # checkpoints, how often it evaluated and where Redis listened are not.
+    assert run_labels(runs) == ["n_workers=2, limit_train=None, max_steps=None",
+                                "n_workers=4, limit_train=60, max_steps=20"]
+
+
+def test_a_field_saved_only_by_newer_runs_is_the_value_older_runs_trained_with(tmp_path):
+    old = saved_config(tmp_path, "a", dataset="iris")
+    for name in ("model", "parallelism", "redis_servers", "eval_subset"):
+        del old[name]
+    runs = [saved_run(tmp_path / "a", old), saved_run(tmp_path / "b", saved_config(tmp_path, "b", dataset="iris", seed=2))]
+    assert run_labels(runs) == ["seed=1", "seed=2"]
+    runs.append(saved_run(tmp_path / "c", saved_config(tmp_path, "c", dataset="iris", redis_servers=2)))
+    assert run_labels(runs) == ["seed=1, redis_servers=1", "seed=2, redis_servers=1", "seed=1, redis_servers=2"]
+
+
+def test_pipeline_options_follow_from_the_parallelism(tmp_path):
+    data = saved_config(tmp_path, "a", n_workers=4, strategy="sync")
+    pipeline = saved_config(tmp_path, "b", n_workers=4, strategy="sync", parallelism="pipeline")
+    runs = [saved_run(tmp_path / "a", data), saved_run(tmp_path / "b", pipeline)]
+    assert run_labels(runs) == ["parallelism=data", "parallelism=pipeline"]
+
+
+def test_runs_on_different_datasets_are_not_overlaid(tmp_path, run_cli):
+    a = make_run(tmp_path / "a", dataset="iris")
+    b = make_run(tmp_path / "b", dataset="fashion-mnist")
+    c = make_run(tmp_path / "c", dataset="iris")
+    with pytest.raises(UserError, match=r"different datasets, iris \(.*a\), fashion-mnist \(.*b\): "):
+        write_curves([a, b, c], tmp_path / "abc.png")
+    result = run_cli(str(a), str(b), "-o", "ab.png", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: cannot overlay runs on different datasets") and result.stderr.count("\n") == 1
+    assert "iris" in result.stderr and "fashion-mnist" in result.stderr
+    assert not (tmp_path / "abc.png").exists() and not (tmp_path / "ab.png").exists()
+    assert not (tmp_path / "ab.json").exists()
+
+
 def test_identical_settings_are_told_apart_by_directory(tmp_path):
     runs = [read_run(make_run(tmp_path / "a")), read_run(make_run(tmp_path / "b"))]
     assert run_labels(runs) == ["sync, 2 workers x 64, fashion-mnist (a)", "sync, 2 workers x 64, fashion-mnist (b)"]
