@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -201,15 +202,57 @@ def test_up_refuses_when_the_hosts_exist():
         assert cli("status", "--prefix", PREFIX).stdout.split()[:2] == [hosts.names[0], hosts.address(0)]
 
 
-def test_not_root_refuses_in_one_line():
+NOBODY = ["--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+
+
+def closed_directory(path: Path) -> Path | None:
+    """The first directory above `path` (or above what its links lead to) that other users may
+    not enter: no o+x, as a mode 0700 home or `mktemp -d`."""
+    for chain in (path, path.resolve()):
+        for directory in reversed(chain.parents):
+            if not directory.stat().st_mode & 0o001:
+                return directory
+    return None
+
+
+@pytest.fixture
+def readable_copy():
+    """What `python -m multinode.netns` imports (multinode/ and libe_cnn.errors), copied into a
+    directory every user can read: the checkout itself may be private (a clone in a 0700 home or
+    `mktemp -d`), and pytest's tmp_path lies under a 0700 directory too."""
+    top = Path(tempfile.mkdtemp(prefix="lcnn-netns-", dir="/tmp"))
+    try:
+        shutil.copytree(ROOT / "multinode", top / "multinode", ignore=shutil.ignore_patterns("__pycache__"))
+        (top / "libe_cnn").mkdir()
+        for name in ("__init__.py", "errors.py"):
+            shutil.copyfile(ROOT / "libe_cnn" / name, top / "libe_cnn" / name)
+        for path in [top, *top.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        yield top
+    finally:
+        shutil.rmtree(top)
+
+
+def test_not_root_refuses_in_one_line(readable_copy):
     setpriv = shutil.which("setpriv")
-    drop = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--"] if setpriv else []
-    if not drop or subprocess.run([*drop, PY, "-c", ""], cwd=ROOT, capture_output=True).returncode:
-        pytest.skip("cannot drop privileges to nobody with setpriv")
+    if not setpriv:
+        pytest.skip("cannot drop privileges to nobody: util-linux's setpriv is not installed")
+    drop = [setpriv, *NOBODY]
+    if subprocess.run([*drop, PY, "-c", ""], cwd="/", capture_output=True).returncode:
+        closed = closed_directory(Path(PY))
+        where = f": it lies under {closed}, which only its owner may enter (mode 0700)" if closed else ""
+        pytest.skip(f"user nobody cannot run this interpreter, {PY}{where}; use a venv every user can reach")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # only the copy, as nobody reads it
+    probe = subprocess.run([*drop, PY, "-c", "import os; os.listdir('multinode'); import libe_cnn.errors as e; "
+                            "print(e.__file__)"], cwd=readable_copy, env=env, capture_output=True, text=True)
+    if probe.returncode:
+        last = (probe.stderr.strip().splitlines() or ["no message"])[-1]
+        pytest.skip(f"user nobody cannot read the copy in {readable_copy}: {last}")
+    assert probe.stdout.strip() == str(readable_copy / "libe_cnn" / "errors.py")  # the copy, not the checkout
     for args in (["up", "--hosts", "1", "--prefix", PREFIX], ["down", "--prefix", PREFIX], ["exec", "x", "--", "true"]):
-        result = subprocess.run([*drop, PY, "-m", "multinode.netns", *args], cwd=ROOT, capture_output=True,
-                                text=True, timeout=30)
-        assert result.returncode == 2 and result.stderr.count("\n") == 1 and "needs root" in result.stderr
+        result = subprocess.run([*drop, PY, "-m", "multinode.netns", *args], cwd=readable_copy, env=env,
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and "needs root" in result.stderr, result.stderr
     assert leftovers() == []
 
 
