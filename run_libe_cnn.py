@@ -9,13 +9,27 @@ on one shard and stream gradients to it through ProxyStore on Redis.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import multiprocessing
 import os
+import signal
+import sys
+
+if __name__ == "__main__":
+    # Ctrl-C while torch and libEnsemble are still being imported (a few seconds): one line, no
+    # traceback. main() puts Python's own handler back once they are.
+    signal.signal(signal.SIGINT, lambda *_: (print("interrupted while starting: nothing was run", file=sys.stderr),
+                                             os._exit(130)))
+elif __name__ == "__mp_main__":
+    # A simulator (spawned processes import this as __mp_main__): Ctrl-C in a terminal reaches every
+    # process of the job, and the manager alone handles it, stopping the simulators in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import multiprocessing
 import re
 import shlex
-import sys
 from contextlib import ExitStack, chdir
 from pathlib import Path
 
@@ -88,11 +102,25 @@ def connect_redis(cfg: TrainConfig, stack: ExitStack):
                             "and that the server's certificate names the host)") from None
         if cfg.redis_tls:
             raise UserError(f"cannot reach {where} over TLS: {e} (is it up, and does that port take TLS?)") from None
-        raise UserError(f"cannot reach {where}: start it (rediss:// if it takes TLS only), or omit --redis-host "
-                        "to use a private server") from None
+        raise UserError(f"cannot reach {where}: start it (rediss:// if it takes TLS only), or "
+                        f"{redis_source(cfg)} to use a private server") from None
     # Whatever happens, the run leaves none of its keys behind.
     stack.callback(_delete_keys_or_warn, address, cfg.run_id, False)
     return address, ()
+
+
+def redis_source(cfg: TrainConfig) -> str:
+    """How to stop naming the server: whichever of REDIS_URL and --redis-host named it."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        from libe_cnn.cli import parse_redis_url
+
+        try:
+            if parse_redis_url(url)["redis_host"] == cfg.redis_host:
+                return "unset REDIS_URL"
+        except UserError:
+            pass
+    return "omit --redis-host"
 
 
 def refused_login(cfg: TrainConfig, where: str) -> str:
@@ -146,10 +174,15 @@ def run_ensemble(plan) -> int:
     from sim_funcs.child_trainer import child_trainer_sim
 
     cfg = plan.config
-    # Tracebacks go to ensemble.log only; the terminal gets one line (see main).
+    # Tracebacks go to ensemble.log only; the terminal gets one line (see main). A log that can no
+    # longer be written (a full disk) must not print tracebacks of its own instead.
     libe_logger.set_stderr_level("CRITICAL")
+    logging.raiseExceptions = False
     libE_specs = LibeSpecs(
         comms=cfg.comms,
+        # The run directory holds the run's own record of a failure (summary.json, its checkpoint):
+        # libEnsemble's copies of its history and persis_info would only be left behind.
+        save_H_and_persis_on_abort=False,
         gen_on_manager=True,
         save_H_on_completion=True,
         **({"nworkers": cfg.n_workers} if cfg.comms == "local" else {}),
@@ -204,18 +237,17 @@ def prepare(cfg: TrainConfig, stack: ExitStack):
     run_dir = Path(cfg.run_dir)
     if not cfg.resume:
         prepare_run_dir(run_dir)
-    cfg.save(run_dir / "config.json")
-    print(json.dumps(cfg.public_dict()), file=sys.stderr)
+    cfg.save(run_dir / "config.json")  # every setting, there rather than on the screen
     layout = (f"{cfg.replicas} pipeline{'s' if cfg.replicas > 1 else ''} of {cfg.stages} stages (layers cut before "
               f"{cfg.split}), {cfg.microbatches} micro-batches, {cfg.schedule}" if cfg.parallelism == "pipeline" else
               f"{cfg.n_workers} workers")
     print(f"{layout} x {cfg.batch_size} samples, {plan.steps_per_epoch} steps/epoch, "
-          f"{start}{schedule_line(plan)} -> {run_dir}", file=sys.stderr)
+          f"{start}{schedule_line(plan)}", file=sys.stderr)
+    print(f"run directory: {run_dir} (settings in config.json)", file=sys.stderr)
     tested_on = f" (evaluating on the first {cfg.limit_test} test samples)" if cfg.limit_test else ""
     print(f"data: {data_source(files)}{tested_on}", file=sys.stderr)
     print(f"evaluations: {evaluation_line(plan)}", file=sys.stderr)
-    warning = oversubscription_warning(cfg)
-    if warning:
+    for warning in filter(None, [oversubscription_warning(cfg), *strategies.option_warnings(cfg)]):
         print(f"warning: {warning}", file=sys.stderr)
     return plan
 
@@ -272,9 +304,15 @@ def oversubscription_warning(cfg: TrainConfig) -> str | None:
             f"of the model and data, so beyond -n {cores} more workers cost memory and add little speed")
 
 
+NO_MPI4PY = f"mpi4py is not installed for {sys.executable}: run make setup-mpi (or pip install 'libe-cnn[mpi]')"
+
+
 def mpi_world():
     """COMM_WORLD when launched with --comms mpi, else None."""
-    from mpi4py import MPI
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise UserError(f"--comms mpi needs mpi4py: {NO_MPI4PY}") from None
 
     return MPI.COMM_WORLD
 
@@ -354,8 +392,9 @@ def error_line(error: Exception) -> str:
     return text
 
 
-def launch_lines(cfg: TrainConfig, argv: list[str]) -> str:
-    """Command lines that run these options with cfg.n_workers workers on two nodes."""
+def launch_lines(cfg: TrainConfig, argv: list[str], root: bool = False) -> str:
+    """Command lines that run these options with cfg.n_workers workers on two nodes (`root`: as root,
+    which Open MPI refuses unless told)."""
     private = cfg.redis_host is None
     port = cfg.redis_port or 6380
     # Options the launch lines set themselves, with how many values follow each.
@@ -385,8 +424,8 @@ def launch_lines(cfg: TrainConfig, argv: list[str]) -> str:
         "",
         # Spread the ranks over both nodes: by default Open MPI fills the first node's
         # slots (its core count) before it uses the second.
-        "# Open MPI:",
-        f"mpiexec -n {ranks} --hostfile HOSTS --map-by node {command}",
+        "# Open MPI:" + (" (--allow-run-as-root: it refuses root without it)" if root else ""),
+        f"mpiexec -n {ranks} {'--allow-run-as-root ' if root else ''}--hostfile HOSTS --map-by node {command}",
         "",
         "# MPICH:",
         f"mpiexec -n {ranks} -f HOSTS -ppn {-(-ranks // 2)} {command}",
@@ -396,13 +435,46 @@ def launch_lines(cfg: TrainConfig, argv: list[str]) -> str:
     ])
 
 
+def checkpoint_step(cfg: TrainConfig | None) -> int | None:
+    """The step of the run's checkpoint.pt, None when there is none (or none that can be read)."""
+    from libe_cnn.checkpoint import CHECKPOINT, load_checkpoint
+
+    if cfg is None or not (Path(cfg.run_dir) / CHECKPOINT).is_file():
+        return None
+    try:
+        return load_checkpoint(Path(cfg.run_dir))["step"]
+    except UserError:
+        return None
+
+
+def interrupted_line(cfg: TrainConfig | None) -> str:
+    """What a Ctrl-C leaves: the step its checkpoint holds and how to continue, or that there is none."""
+    step = checkpoint_step(cfg)
+    if step is None:
+        return "interrupted before the first checkpoint: nothing to resume"
+    if step == 0:
+        return f"interrupted before the first step: continue with --resume {cfg.run_dir}"
+    return f"interrupted after step {step}: continue with --resume {cfg.run_dir}"
+
+
+def kept_line(cfg: TrainConfig) -> str:
+    """After a file could not be written: the checkpoint that is kept, and how to go on from it."""
+    step = checkpoint_step(cfg)
+    if step is None:
+        return "no checkpoint was written: make room, then start the run again"
+    return f"its checkpoint of step {step} is kept: make room, then continue with --resume {cfg.run_dir}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the imports are done: Ctrl-C is KeyboardInterrupt
     argv = sys.argv[1:] if argv is None else argv
     cfg = None  # the log's place is known only once the options are
     try:
         cfg = config_from_args(argv)
         if "--print-launch" in argv:
-            print(launch_lines(cfg, argv))
+            if importlib.util.find_spec("mpi4py") is None:
+                print(f"warning: {NO_MPI4PY}, which these lines need", file=sys.stderr)
+            print(launch_lines(cfg, argv, root=os.geteuid() == 0))
             return 0
         summary = train(cfg)
     except UserError as e:
@@ -410,12 +482,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if not _is_worker_rank():
+            print(interrupted_line(cfg), file=sys.stderr)
         return 130
     except Exception as e:  # a failure inside the ensemble: one line here, details in the log
         if not _is_worker_rank():
+            from libe_cnn.rundir import first_write_failure
+
             log = Path(cfg.run_dir) / "ensemble.log" if cfg is not None else None
-            print(f"error: {error_line(e)}" + (f" ({log})" if log and log.exists() else ""), file=sys.stderr)
+            failure = first_write_failure()
+            if failure is not None:  # the cause is plain; what is kept is what matters next
+                print(f"error: {failure}; {kept_line(cfg)}", file=sys.stderr)
+            else:
+                print(f"error: {error_line(e)}" + (f" ({log})" if log and log.exists() else ""), file=sys.stderr)
         return 1
     if summary is None:  # an MPI worker rank: the manager reports
         return 0

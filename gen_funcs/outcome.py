@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from gen_funcs.parent import ParentModel
 from gen_funcs.records import LoopState, Recorder
 from libe_cnn.checkpoint import save_checkpoint
-from libe_cnn.errors import UserError
+from libe_cnn.errors import CannotWrite, UserError
 from libe_cnn.plan import RunPlan
 from libe_cnn.rundir import save_json
 from libe_cnn.store import server_traffic_bytes
@@ -75,11 +76,18 @@ class Outcome:
         return self.first_step if self.resumed else None
 
     def finish(self, **extra) -> None:
-        """Evaluate the final parent if not done yet and write summary.json."""
+        """Evaluate the final parent if not done yet and write summary.json.
+
+        A run stopped early (Ctrl-C) is not evaluated again: whoever stopped it is waiting, and
+        --resume evaluates where it ends. Its summary gives the last evaluation and its step.
+        """
         s, recorder, cfg = self.state, self.recorder, self.cfg
         last = recorder.last_eval
-        if last is None or last["step"] != s.step or last["test_samples"] < len(recorder.test_y):
+        completed = s.step == self.plan.recorded_steps
+        if completed and (last is None or last["step"] != s.step or last["test_samples"] < len(recorder.test_y)):
             recorder.evaluate(whole=True)
+        elif not completed:
+            self.parent.save(self.run_dir / "model.pt")  # the parent as it was stopped (evaluate saves it too)
         wall = time.perf_counter() - recorder.start
         per_server = [server_traffic_bytes(a) - b for a, b in zip(self.plan.servers, self.traffic_at_start)]
         store_bytes = sum(per_server)
@@ -97,10 +105,12 @@ class Outcome:
             "samples_per_s": s.samples / wall if wall > 0 else 0.0,
             **recorder.stats.summary(),
             "train_loss": s.loss,
-            "test_loss": last_eval["test_loss"],
-            "test_accuracy": last_eval["test_accuracy"],
-            "test_samples": len(recorder.test_y),  # what the test loss and accuracy were measured on
-            **{k: v for k, v in last_eval.items() if k.startswith("best_worker") or k == "worker_accuracies"},
+            "test_loss": last_eval["test_loss"] if last_eval else None,
+            "test_accuracy": last_eval["test_accuracy"] if last_eval else None,
+            # What the test loss and accuracy were measured on, and at which step.
+            "test_samples": last_eval["test_samples"] if last_eval else 0,
+            "test_step": last_eval["step"] if last_eval else None,
+            **{k: v for k, v in (last_eval or {}).items() if k.startswith("best_worker") or k == "worker_accuracies"},
             "n_workers": cfg.n_workers,
             "dataset": cfg.dataset,
             "global_batch": cfg.replicas * cfg.batch_size,
@@ -114,8 +124,9 @@ class Outcome:
             "store_bytes_per_sample": store_bytes / samples_here,
             "resumed_at_steps": self.resumed_at,
             "data_files": self.plan.files.paths,
+            "checkpoint_step": self.checkpoint_on_disk(),
             **extra,
-            "completed": s.step == self.plan.recorded_steps,
+            "completed": completed,
         })
         self.plot()
 
@@ -125,16 +136,20 @@ class Outcome:
         Where the generator holds all the state, the last completed step is checkpointed too;
         where workers keep their own, the last regular checkpoint stays (it is not here mid-round).
         """
-        self.parent.save(self.run_dir / "model.pt")
-        self.checkpoint_completed()
+        # Each file on its own: when the disk is full, what still fits is written, and the reason
+        # the run ended (raised by the caller) is not replaced by the next failure to write.
+        for write in (lambda: self.parent.save(self.run_dir / "model.pt"), self.checkpoint_completed):
+            with contextlib.suppress(CannotWrite):
+                write()
         # The step the parent is at: the last one taken, or the last one recorded.
         reached = self.last_completed[0] if self.last_completed else self.recorder.last_record or {}
-        save_json(self.run_dir / "summary.json", {
-            "run_id": self.cfg.run_id, "strategy": self.cfg.strategy, "completed": False, "error": reason,
-            "steps": reached.get("step", self.first_step), "samples": reached.get("samples"),
-            "checkpoint_step": self.checkpoint_on_disk(), "data_files": self.plan.files.paths,
-            "wall_s": time.perf_counter() - self.recorder.start})
-        self.plot()
+        with contextlib.suppress(CannotWrite):
+            save_json(self.run_dir / "summary.json", {
+                "run_id": self.cfg.run_id, "strategy": self.cfg.strategy, "completed": False, "error": reason,
+                "steps": reached.get("step", self.first_step), "samples": reached.get("samples"),
+                "checkpoint_step": self.checkpoint_on_disk(), "data_files": self.plan.files.paths,
+                "wall_s": time.perf_counter() - self.recorder.start})
+            self.plot()
 
     def plot(self) -> None:
         """curves.png (and the data it shows, curves.json), drawn from metrics.jsonl."""

@@ -23,6 +23,7 @@ from gen_funcs.outcome import Outcome
 from gen_funcs.parent import ParentModel
 from gen_funcs.records import LoopState, Recorder
 from libe_cnn.checkpoint import load_checkpoint
+from libe_cnn.errors import CannotWrite
 from libe_cnn.liveness import LivenessCheck
 from libe_cnn.plan import RunPlan, plan_from_user, resume_key
 from libe_cnn.runtime import gpu_count, lower_manager_loop_priority, select_device, set_threads
@@ -156,7 +157,7 @@ class GenRun:
 
 def failure_reason(error: Exception) -> str:
     """One line for summary.json on why the run could not go on."""
-    if isinstance(error, RunAborted):
+    if isinstance(error, (RunAborted, CannotWrite)):
         return str(error)
     if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
         return f"lost the connection to Redis: {error}"

@@ -71,6 +71,10 @@ class Recorder:
         self.last_eval: dict | None = None
         self.last_record: dict | None = None
         self.progress = Progress(plan.recorded_steps, unit=plan.step_unit, done=state.step)
+        # About ten evaluation lines a run on the screen, however often it evaluates (metrics.jsonl
+        # has every one): a long list would push the header and the progress line out of sight.
+        self.show_every = -(-plan.recorded_steps // 10)
+        self.shown_step: int | None = None
         # Evaluations and checkpoints fall where a sync step would end: every N recorded steps
         # where one counts single gradients.
         self.per_step = plan.strategy.recorded_per_step(plan.config.n_workers)
@@ -131,7 +135,10 @@ class Recorder:
             line += f" (first {len(test_y)} test samples)"
         if "best_worker_accuracy" in extra:
             line += f" (best single worker {extra['best_worker_accuracy']:.2%})"
-        self.progress.message(line)
+        last = whole or s.step >= self.plan.recorded_steps
+        if last or self.shown_step is None or s.step - self.shown_step >= self.show_every:
+            self.progress.message(line)
+            self.shown_step = s.step
         self.last_eval = record
         return record
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from libe_cnn.cli import OneLineParser
 from libe_cnn.config import DATASETS
-from libe_cnn.errors import UserError
+from libe_cnn.errors import CannotWrite, UserError
 
 
 def build_parser() -> OneLineParser:
@@ -64,7 +64,7 @@ def plot(run_dirs: list[Path], output: Path | None) -> int:
     try:
         out = out or default_output(run_dirs)
         write_curves(run_dirs, out)
-    except UserError as e:
+    except (UserError, CannotWrite) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. a run's files are not readable

@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--run-dir", default=None, help="where to write the run (default: runs/<timestamp>)")
     g.add_argument("--tensorboard", default=None, metavar="DIR",
-                   help="also write the metrics as TensorBoard events into DIR (needs: pip install 'libe-cnn[tensorboard]')")
+                   help="also write the metrics as TensorBoard events into DIR (make setup installs what it needs; "
+                        "elsewhere: pip install 'libe-cnn[tensorboard]')")
     g.add_argument("--checkpoint-every", type=int, default=None, metavar="K",
                    help="also write checkpoint.pt every K steps (always at each epoch end and at the end)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR",
@@ -239,6 +240,8 @@ def given_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> di
 def resumed_values(run_dir: str, given: dict) -> dict:
     """The saved configuration of the run in `run_dir`, with the options that may change."""
     saved_path = Path(run_dir) / "config.json"
+    if not Path(run_dir).is_dir():
+        raise UserError(f"cannot resume {run_dir}: no such directory")
     if not saved_path.is_file():
         raise UserError(f"cannot resume {run_dir}: it has no config.json (is it a run directory?)")
     try:

@@ -123,20 +123,21 @@ class TrainConfig:
         need(self.comms in COMMS, f"--comms must be one of {', '.join(COMMS)} (got {self.comms!r})")
         need(self.dataset in DATASETS, f"--dataset must be one of {', '.join(DATASETS)} (got {self.dataset!r})")
         fill_training_defaults(self)
-        need(self.limit_train is None or self.limit_train >= 1, "--limit-train must be at least 1")
-        need(self.limit_test is None or self.limit_test >= 1, "--limit-test must be at least 1")
+        need(self.limit_train is None or self.limit_train >= 1, f"--limit-train must be at least 1 (got {self.limit_train})")
+        need(self.limit_test is None or self.limit_test >= 1, f"--limit-test must be at least 1 (got {self.limit_test})")
         need(self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})")
-        need(self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1")
+        need(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1 (got {self.max_steps})")
         need(self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})")
         need(math.isfinite(self.lr) and self.lr > 0, f"--lr must be positive and finite (got {self.lr})")
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})")
         need(self.wire_dtype in WIRE_DTYPES,
              f"--wire-dtype must be one of {', '.join(WIRE_DTYPES)} (got {self.wire_dtype!r})")
-        need(self.eval_every is None or self.eval_every >= 0, "--eval-every must be at least 0")
-        need(self.eval_subset >= 0, "--eval-subset must be at least 0")
+        need(self.eval_every is None or self.eval_every >= 0, f"--eval-every must be at least 0 (got {self.eval_every})")
+        need(self.eval_subset >= 0, f"--eval-subset must be at least 0 (got {self.eval_subset})")
         need(self.tensorboard is None or importlib.util.find_spec("tensorboard") is not None,
              "--tensorboard needs the tensorboard package: pip install 'libe-cnn[tensorboard]'")
-        need(self.checkpoint_every is None or self.checkpoint_every >= 1, "--checkpoint-every must be at least 1")
+        need(self.checkpoint_every is None or self.checkpoint_every >= 1,
+             f"--checkpoint-every must be at least 1 (got {self.checkpoint_every})")
         self._check_strategy(need)
         self._check_parallelism(need)
         need(self.redis_port is None or 0 < self.redis_port < 65536,

@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from libe_cnn.errors import CannotWrite, os_error_in
+
 if TYPE_CHECKING:
     import torch
 
@@ -19,14 +21,35 @@ os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK  # what open(path, "w") gives a new file
 
 
+# The first file of this process that could not be written. On a full disk the error that ends the
+# run may be a later one (libEnsemble failing to save its history, say); this one says what happened.
+_first_failure: list[CannotWrite] = []
+
+
+def cannot_write(path, error: OSError) -> CannotWrite:
+    """The CannotWrite for `path`, remembered if it is this process's first."""
+    failure = CannotWrite(path, error.strerror or str(error))
+    if not _first_failure:
+        _first_failure.append(failure)
+    return failure
+
+
+def first_write_failure() -> CannotWrite | None:
+    return _first_failure[0] if _first_failure else None
+
+
 def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = True) -> None:
     """Write through a temporary file in the same directory, then rename over `path`.
 
-    A reader (or a crash) never sees a half-written file. The file gets FILE_MODE, as from a
-    plain open(), not the 0600 of mkstemp.
+    A reader (or a crash) never sees a half-written file: a write that fails (a full disk)
+    leaves the previous `path` as it was and raises CannotWrite, naming the path and the
+    reason. The file gets FILE_MODE, as from a plain open(), not the 0600 of mkstemp.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as e:
+        raise cannot_write(path, e) from e
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             os.fchmod(f.fileno(), FILE_MODE)
@@ -34,8 +57,11 @@ def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = True) 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        cause = os_error_in(e)
+        if cause is not None:
+            raise cannot_write(path, cause) from e
         raise
 
 
@@ -66,7 +92,10 @@ class MetricsLog:
         self._file = open(path, "a", buffering=1)
 
     def write(self, **record: Any) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        try:
+            self._file.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise cannot_write(self._file.name, e) from e
         self.lines += 1
 
     def close(self) -> None:

@@ -111,8 +111,26 @@ def locate(name: str, data_dir: str | Path | None, download: bool = True) -> Dat
         hint = " (or install Debian's dataset-fashion-mnist)"
     else:
         hint = ""
+    # (Not when only looking: available_datasets looks with download=False.)
+    others = [other for other in available_datasets(data_dir) if other != name] if download else []
+    if others:
+        hint += f"; this machine already has {', '.join(others)}: try --dataset {others[0]}"
     raise UserError(f"{name} not found in {where} and could not be downloaded ({error}): "
                     f"put the four IDX files in {raw_dir}, or run where the internet is reachable{hint}")
+
+
+def available_datasets(data_dir: str | Path | None) -> list[str]:
+    """The datasets a run with this --data-dir finds without downloading, in --dataset's order."""
+    from libe_cnn.config import DATASETS
+
+    found = []
+    for name in DATASETS:
+        try:
+            locate(name, data_dir, download=False)
+        except UserError:
+            continue
+        found.append(name)
+    return found
 
 
 def _locate_cifar10(data_dir: Path, download: bool) -> DatasetFiles:

@@ -73,3 +73,10 @@ def int8_strategies() -> list[str]:
 def takers(option: Option) -> list[str]:
     """The strategies that take `option`'s field (in any version)."""
     return [name for name, s in REGISTRY.items() if s.option(option.name) is not None]
+
+
+def option_warnings(cfg) -> list[str]:
+    """Warnings for the chosen strategy's option values that are allowed but rarely meant."""
+    chosen = strategy(cfg.strategy)
+    return [warning for option in chosen.options if option.warn
+            for warning in [option.warn(getattr(cfg, option.name), cfg.n_workers)] if warning]

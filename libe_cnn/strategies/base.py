@@ -31,6 +31,8 @@ class Option:
     metavar: str | None = None
     # (value, number of workers) -> the error message, or None when the value is fine.
     check: Callable[[Any, int], str | None] | None = None
+    # (value, number of workers) -> a warning for a value that is allowed but rarely what was meant.
+    warn: Callable[[Any, int], str | None] | None = None
     default_text: str | None = None  # the default as the help states it, when not a constant
 
 

@@ -21,7 +21,12 @@ from libe_cnn.strategies.base import SYNC_PERIOD, Option, Periodic, average_para
 
 # Measured on the seed CNN, Fashion-MNIST, N=2 x 64, one epoch (python -m benchmarks.diloco): at H = 32 the
 # paper's outer lr 0.7 and momentum 0.9 did best (89.3%, sync 89.0%) on 1/28 of sync's bytes.
-INNER_STEPS = dataclasses.replace(SYNC_PERIOD, help="inner steps between outer steps", default=32)
+INNER_STEPS = dataclasses.replace(
+    SYNC_PERIOD, help="inner steps between outer steps", default=32,
+    warn=lambda v, n: None if v > 1 else (
+        "--sync-period 1 gives diloco one inner step per round, so the outer optimizer steps after every batch "
+        "on top of each worker's own: it trains worse than --strategy sync; diloco is meant for rounds of 8 "
+        "steps or more (default 32)"))
 OUTER_LR = Option("outer_lr", "--outer-lr", "the outer optimizer's learning rate", default=0.7, type=float,
                   metavar="LR", check=lambda v, n: None if 0 < v <= 2 else f"--outer-lr must be in (0, 2] (got {v})")
 OUTER_MOMENTUM = Option(

@@ -36,11 +36,17 @@ def test_a_terminal_sees_one_line(tmp_path, args, message):
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--lr", "0"], "--lr must be positive"),
         (["--lr", "inf"], "--lr must be positive and finite"),
-        (["--limit-test", "0"], "--limit-test must be at least 1"),
+        (["--limit-test", "0"], "--limit-test must be at least 1 (got 0)"),
+        (["--max-steps", "0"], "--max-steps must be at least 1 (got 0)"),
+        (["--limit-train", "0"], "--limit-train must be at least 1 (got 0)"),
+        (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1 (got 0)"),
+        (["--eval-every", "-1"], "--eval-every must be at least 0 (got -1)"),
+        (["--resume", "runs/no-such-run"], "cannot resume runs/no-such-run: no such directory"),
         (["--strategy", "gossip", "-n", "1"], "it needs -n 2 or more"),
         (["--device", "cuda:x"], "--device must be auto, cpu, cuda or cuda:K"),
         (["--dataset", "fashion-mnist", "--limit-train", "10", "-n", "2"], "fewer than --batch-size"),
-        (["--dataset", "fashion-mnist", "--redis-host", "127.0.0.1", "--redis-port", "1"], "cannot reach Redis"),
+        (["--dataset", "fashion-mnist", "--redis-host", "127.0.0.1", "--redis-port", "1"],
+         "cannot reach Redis at 127.0.0.1:1: start it (rediss:// if it takes TLS only), or omit --redis-host"),
         (["--optimizer", "lbfgs"], "invalid choice: 'lbfgs'"),
         (["--strategy", "allreduce"], "invalid choice: 'allreduce'"),
         (["--epochs", "two"], "invalid int value: 'two'"),
@@ -78,6 +84,23 @@ def test_missing_dataset_names_what_to_do(tmp_path, run_main, offline):
     one_line_exit_2(result, "mnist not found in")
     assert "IDX files" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_the_default_dataset_missing_offline_names_the_ones_this_machine_has(tmp_path, fashion_files, run_main,
+                                                                             offline, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./data here: the bare command looks where a new user's would
+    result = run_main("-n", "2", "--run-dir", str(tmp_path / "run"))
+    one_line_exit_2(result, "mnist not found in")
+    assert "this machine already has fashion-mnist, iris: try --dataset fashion-mnist" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_redis_url_with_no_server_says_to_unset_it(tmp_path, fashion_files, run_main, monkeypatch):
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    result = run_main("--dataset", "fashion-mnist", "--run-dir", str(tmp_path / "run"))
+    one_line_exit_2(result, "cannot reach Redis at 127.0.0.1:1: start it (rediss:// if it takes TLS only), "
+                            "or unset REDIS_URL to use a private server")
+    assert "--redis-host" not in result.stderr
 
 
 def test_existing_run_dir_is_not_overwritten(tmp_path, run_main):

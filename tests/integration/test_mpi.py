@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 
 import numpy as np
 import psutil
+import pytest
 import torch
 
 from libe_cnn.store import run_keys
@@ -126,3 +128,39 @@ def test_a_pipeline_trains_the_same_model_under_mpi_as_under_local_comms(tmp_pat
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
     summary = json.loads((tmp_path / "mpi" / "summary.json").read_text())
     assert summary["completed"] and summary["stages"] == 2 and summary["split"] == "2"
+
+
+def test_without_mpi4py_each_launch_says_in_one_line_to_run_make_setup_mpi(tmp_path):
+    # An environment where mpi4py cannot be imported, as in a venv made by `make setup` alone.
+    hidden = tmp_path / "no-mpi4py"
+    hidden.mkdir()
+    (hidden / "mpi4py.py").write_text("raise ModuleNotFoundError(\"No module named 'mpi4py'\", name='mpi4py')\n")
+    env = {**os.environ, "PYTHONPATH": str(hidden)}
+    result = mpirun(3, "--dataset", "iris", "--redis-bind", "127.0.0.1", "--run-dir", str(tmp_path / "r"), env=env)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.count("error: --comms mpi needs mpi4py") == 1, result.stderr  # from rank 0 only
+    assert "make setup-mpi" in result.stderr and not (tmp_path / "r").exists()
+
+
+def is_open_mpi() -> bool:
+    version = subprocess.run(["mpiexec", "--version"], capture_output=True, text=True).stdout
+    return "Open MPI" in version or "OpenRTE" in version
+
+
+@pytest.mark.skipif(not shutil.which("mpiexec") or not is_open_mpi(), reason="the Open MPI line needs Open MPI")
+def test_the_printed_open_mpi_line_runs_as_printed(tmp_path):
+    from libe_cnn.redis_server import free_port
+
+    run_dir = tmp_path / "run"
+    printed = run_cli("run_libe_cnn.py", "-n", "2", "--dataset", "iris", "--max-steps", "3", "--redis-port",
+                      str(free_port()), "--run-dir", str(run_dir), "--print-launch", timeout=60)
+    assert printed.returncode == 0, printed.stderr
+    line = next(line for line in printed.stdout.splitlines() if "--map-by node" in line)
+    hosts = tmp_path / "HOSTS"
+    hosts.write_text("localhost slots=3\n")  # both "nodes" are this one
+    # As printed (as root it carries --allow-run-as-root), without the suite's MPI variables.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PRTE_"))}
+    result = subprocess.run(shlex.split(line.replace("HOSTS", str(hosts))), cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((run_dir / "summary.json").read_text())["completed"]

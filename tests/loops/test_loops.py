@@ -326,6 +326,9 @@ def test_resume_refuses_what_would_make_another_experiment(run, tmp_path, capsys
     assert "has no checkpoint.pt" in refused("--max-steps", "5")
     capsys.readouterr()
     assert main(["--resume", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: no such directory" in capsys.readouterr().err
+    (tmp_path / "not-a-run").mkdir()
+    assert main(["--resume", str(tmp_path / "not-a-run")]) == 2
     assert "has no config.json" in capsys.readouterr().err
 
 

@@ -81,3 +81,22 @@ def test_the_schedule_says_which_samples_are_used_and_why_not_the_rest(tmp_path)
                                  "5 to make 7 equal shards, 63 in incomplete batches)")
     assert line(2, 50, 1000) == "10 steps on 1000 mnist samples per epoch"
     assert line(2, 50, 1000, "async").startswith("20 gradients (10 per worker) on 1000")
+
+
+def test_launch_lines_as_root_tell_open_mpi_to_allow_it(tmp_path):
+    argv = ["-n", "3", "--run-dir", str(tmp_path)]
+    for root in (False, True):
+        lines = launch_lines(config_from_args(argv), argv, root=root).splitlines()
+        openmpi = next(line for line in lines if "--map-by node" in line)
+        mpich = next(line for line in lines if "-ppn" in line)
+        assert ("--allow-run-as-root" in openmpi) == root and "--allow-run-as-root" not in mpich
+
+
+def test_print_launch_warns_when_mpi4py_is_missing(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mpi4py" else find_spec(name, *a))
+    assert main(["-n", "2", "--print-launch", "--run-dir", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: mpi4py is not installed") and "make setup-mpi" in err

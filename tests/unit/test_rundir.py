@@ -1,9 +1,11 @@
+import errno
 import json
 import os
 
 import pytest
 import torch
 
+from libe_cnn.errors import CannotWrite
 from libe_cnn.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from libe_cnn.errors import UserError
 from libe_cnn.rundir import MetricsLog, atomic_write
@@ -15,11 +17,26 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
     def fail(f):
         f.write(b"half")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    with pytest.raises(OSError):
+    with pytest.raises(CannotWrite, match=f"cannot write {path}: No space left on device"):
         atomic_write(path, fail)
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_a_failed_write_that_torch_reports_as_a_runtime_error_names_its_os_error(tmp_path):
+    # torch.save turns the OSError of a full disk into "RuntimeError: [enforce fail at inline_container.cc ...]".
+    def torch_like(f):
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 76736 vs 76688")
+
+    with pytest.raises(CannotWrite, match="model.pt: No space left on device"):
+        atomic_write(tmp_path / "model.pt", torch_like)
+    with pytest.raises(ValueError):  # an error that is not about writing passes through as it is
+        atomic_write(tmp_path / "model.pt", lambda f: int("x"))
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("binary", [True, False])
