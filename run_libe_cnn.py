@@ -20,8 +20,12 @@ if __name__ == "__main__":
                                              os._exit(130)))
 elif __name__ == "__mp_main__":
     # A simulator (spawned processes import this as __mp_main__): Ctrl-C in a terminal reaches every
-    # process of the job, and the manager alone handles it, stopping the simulators in order.
+    # process of the job, and the manager alone handles it, stopping the simulators in order. A
+    # manager that is killed outright cannot: each simulator then ends itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from libe_cnn.parent_watch import exit_with_parent
+
+    exit_with_parent()
 
 import dataclasses
 import importlib.util
@@ -220,13 +224,18 @@ def pipeline_split(cfg: TrainConfig) -> str:
 def prepare(cfg: TrainConfig, stack: ExitStack):
     """On the manager only: find the data, connect Redis, plan the run, create its directory."""
     from libe_cnn.plan import make_plan
+    from libe_cnn.runtime import unique_memory
     from mnist.data import check_dataset, locate
 
+    process = unique_memory()  # what every process of the run holds before it reads any data
     check_devices(cfg)
     if cfg.parallelism == "pipeline":
         cfg.split = pipeline_split(cfg)
     files = locate(cfg.dataset, cfg.data_dir)  # before any worker exists: one download at most
-    plan = make_plan(cfg, files, check_dataset(files))
+    n_total = check_dataset(files)
+    plan = make_plan(cfg, files, n_total)
+    if cfg.comms == "local":  # under MPI the workers' memory is on their own nodes
+        check_memory(plan, n_total, process)
     start = ""
     if cfg.resume:
         step, positions = resume_point(plan)
@@ -250,6 +259,19 @@ def prepare(cfg: TrainConfig, stack: ExitStack):
     for warning in filter(None, [oversubscription_warning(cfg), *strategies.option_warnings(cfg)]):
         print(f"warning: {warning}", file=sys.stderr)
     return plan
+
+
+def check_memory(plan, n_total: int, process: int) -> None:
+    """Refuse, before any worker starts, a run this machine's memory cannot hold."""
+    from libe_cnn.footprint import TEST_SAMPLES, check_fits, estimate
+    from libe_cnn.runtime import available_memory
+    from mnist.model import build_model
+
+    cfg = plan.config
+    parameters = sum(p.numel() for p in build_model(cfg.seed, cfg.dropout, cfg.dataset, cfg.model).parameters())
+    n_test = min(cfg.limit_test or TEST_SAMPLES[cfg.dataset], TEST_SAMPLES[cfg.dataset])
+    check_fits(estimate(process, cfg.dataset, n_total, plan.n_train, n_test, cfg.n_workers, parameters),
+               available_memory())
 
 
 def evaluation_line(plan) -> str:

@@ -101,3 +101,45 @@ def check_device(flag: str, device: str) -> None:
     if index >= count:
         raise UserError(f"{flag} {device}: this node has {count} GPU{'s' if count > 1 else ''} "
                         f"(cuda:0 to cuda:{count - 1})")
+
+
+def available_memory() -> int:
+    """Bytes this process's children may still allocate: the machine's, or less where a cgroup
+    (a batch job's, a container's) sets a lower limit."""
+    available = psutil.virtual_memory().available
+    cgroup = _cgroup_headroom()
+    return min(available, cgroup) if cgroup is not None else available
+
+
+def _cgroup_headroom() -> int | None:
+    """The memory limit of this process's cgroup (v2 or v1) minus what it holds, page cache that
+    can be dropped not counted; None where there is no limit or no cgroup to read."""
+    try:
+        lines = open("/proc/self/cgroup").read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: one hierarchy
+            base, limit_file, usage_file, cache_key = "/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"
+        elif "memory" in controllers.split(","):  # v1: the memory controller's hierarchy
+            base, limit_file, usage_file = "/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes"
+            cache_key = "total_inactive_file"
+        else:
+            continue
+        directory = os.path.join(base, path.lstrip("/"))
+        try:
+            limit = open(os.path.join(directory, limit_file)).read().strip()
+            usage = int(open(os.path.join(directory, usage_file)).read())
+            stat = dict(row.split() for row in open(os.path.join(directory, "memory.stat")).read().splitlines())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or int(limit) >= 2**60:  # no limit (v1 writes its largest page-aligned value)
+            continue
+        return max(0, int(limit) - usage + int(stat.get(cache_key, 0)))
+    return None
+
+
+def unique_memory() -> int:
+    """Bytes of memory this process alone holds (USS): what another process like it would add."""
+    return psutil.Process().memory_full_info().uss
