@@ -27,7 +27,8 @@ def start(*options: str) -> subprocess.Popen:
 @pytest.mark.parametrize("phase", ["start-up", "training"])
 def test_simulators_end_themselves_when_the_manager_is_killed(tmp_path, fashion_files, phase):
     run_dir = tmp_path / "run"
-    proc = start("-n", "3", "--dataset", "fashion-mnist", "--max-steps", "400", "--run-dir", str(run_dir))
+    proc = start("-n", "3", "--dataset", "fashion-mnist", "--max-steps", "400", "--checkpoint-every", "2",
+                 "--run-dir", str(run_dir))
     deadline = time.monotonic() + 120
     manager = psutil.Process(proc.pid)
 
@@ -96,7 +97,7 @@ def test_a_run_that_cannot_fit_in_its_cgroup_is_refused_in_one_line(tmp_path, fa
     # As a batch job on a shared node is held: the machine has room, the job's cgroup does not.
     run_dir = tmp_path / "run"
     argv = [sys.executable, "run_libe_cnn.py", "-n", "16", "--dataset", "fashion-mnist", "--limit-train", "8192",
-            "--batch-size", "8", "--max-steps", "30", "--run-dir", str(run_dir)]
+            "--batch-size", "8", "--max-steps", "4", "--eval-every", "0", "--limit-test", "500", "--run-dir", str(run_dir)]
     result = subprocess.run(cgroup_of_3_gb.argv(argv), cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr[-2000:]
     [line] = result.stderr.strip().splitlines()
