@@ -15,11 +15,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import redis
 
 from libe_cnn.errors import UserError
+from libe_cnn.owned_dirs import mark_owned, remove_orphans
 from libe_cnn.store import RedisAddress
 
 if TYPE_CHECKING:
@@ -29,6 +31,9 @@ INSTALL_HINT = (
     "redis-server not found: install it (Debian/Ubuntu: sudo apt-get install redis-server; "
     "macOS: brew install redis; pixi: pixi add redis-server) or pass --redis-host HOST"
 )
+
+
+WORKDIR_PREFIX = "libe-cnn-redis-"  # the server's directory (its log) in the temporary directory
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -66,7 +71,9 @@ class PrivateRedis:
             raise UserError(INSTALL_HINT)
         for _ in range(1 if self.port else 5):  # a free port can be taken between probing and binding
             port = self.port or free_port(self.bind)
-            self._workdir = tempfile.TemporaryDirectory(prefix="libe-cnn-redis-")
+            remove_orphans(Path(tempfile.gettempdir()), WORKDIR_PREFIX)  # of runs killed outright
+            self._workdir = tempfile.TemporaryDirectory(prefix=WORKDIR_PREFIX)
+            mark_owned(Path(self._workdir.name))
             conf = "\n".join(
                 [
                     f"bind {self.bind}",

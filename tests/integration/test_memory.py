@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -14,7 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import ROOT
+from libe_cnn.redis_server import WORKDIR_PREFIX
+from tests.conftest import ROOT, run_cli, shm_leftovers
 
 GB = 2**30
 
@@ -48,6 +50,15 @@ def test_simulators_end_themselves_when_the_manager_is_killed(tmp_path, fashion_
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
     for p in alive:  # in case of failure: leave nothing running
         p.kill()
+    # What only the manager could remove, its shared memory and its Redis's directory, the next run removes.
+    left = shm_leftovers(run_dir)
+    redis_dirs = [d for d in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*")
+                  if (d / "owner").is_file() and (d / "owner").read_text().split()[0] == str(proc.pid)]
+    assert len(left) == 1 and len(redis_dirs) == 1
+    result = run_cli("run_libe_cnn.py", "-n", "1", "--dataset", "iris", "--max-steps", "1",
+                     "--run-dir", str(tmp_path / "next"), timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not left[0].exists() and not redis_dirs[0].exists()
 
 
 class MemoryCgroup:
