@@ -34,6 +34,7 @@ import logging
 import multiprocessing
 import re
 import shlex
+import socket
 from contextlib import ExitStack, chdir
 from pathlib import Path
 
@@ -221,8 +222,9 @@ def pipeline_split(cfg: TrainConfig) -> str:
                          f"--model {cfg.model} for {cfg.dataset}")
 
 
-def prepare(cfg: TrainConfig, stack: ExitStack):
-    """On the manager only: find the data, connect Redis, plan the run, create its directory."""
+def prepare(cfg: TrainConfig, stack: ExitStack, hosts: int = 1):
+    """On the manager only: find the data, connect Redis, plan the run, create its directory
+    (`hosts`: how many hosts the run's processes are on)."""
     from libe_cnn.plan import make_plan
     from libe_cnn.runtime import unique_memory
     from mnist.data import check_dataset, locate
@@ -241,8 +243,9 @@ def prepare(cfg: TrainConfig, stack: ExitStack):
         step, positions = resume_point(plan)
         plan = dataclasses.replace(plan, resume_positions=positions)
         start = f"resuming after step {step}, "
+    shm_dir = choose_transport(cfg, hosts)
     primary, more = connect_redis(cfg, stack)
-    plan = dataclasses.replace(plan, redis=primary, more_redis=more)
+    plan = dataclasses.replace(plan, redis=primary, more_redis=more, shm_dir=shm_dir)
     run_dir = Path(cfg.run_dir)
     if not cfg.resume:
         prepare_run_dir(run_dir)
@@ -256,19 +259,67 @@ def prepare(cfg: TrainConfig, stack: ExitStack):
     tested_on = f" (evaluating on the first {cfg.limit_test} test samples)" if cfg.limit_test else ""
     print(f"data: {data_source(files)}{tested_on}", file=sys.stderr)
     print(f"evaluations: {evaluation_line(plan)}", file=sys.stderr)
+    if shm_dir:
+        print(f"transport: shared memory in {shm_dir} (tokens and heartbeats through Redis)", file=sys.stderr)
     for warning in filter(None, [oversubscription_warning(cfg), *strategies.option_warnings(cfg)]):
         print(f"warning: {warning}", file=sys.stderr)
     return plan
+
+
+# Buffers of the model's size a run may hold in shared memory at once, per worker and for the
+# generator: a step's gradients and parameters, the next step's, and a worker's state at a checkpoint.
+SHM_COPIES = 4
+
+
+def choose_transport(cfg: TrainConfig, hosts: int) -> str | None:
+    """The shared-memory directory the run's buffers will go to, or None: Redis.
+
+    `hosts`: how many hosts the run's processes are on. auto falls back to Redis in one line
+    when shared memory cannot serve (several hosts, too little room on the tmpfs); shm refuses.
+    """
+    from libe_cnn import shm
+
+    if cfg.transport == "redis":
+        return None
+    need = SHM_COPIES * (cfg.n_workers + 1) * 4 * parameter_count(cfg)
+    free = shm.free_bytes()
+    problem = (f"the run's processes are on {hosts} hosts" if hosts > 1 else
+               f"{shm.root()} has {free / 2**20:.0f} MB free and the run needs about {need / 2**20:.0f} MB there"
+               if free < need else None)
+    if problem is None:
+        return str(shm.run_directory(cfg.run_id))
+    if cfg.transport == "shm":
+        raise UserError(f"--transport shm: {problem}; use --transport redis")
+    print(f"transport: redis, since {problem}", file=sys.stderr)
+    return None
+
+
+def open_transport(plan, stack: ExitStack) -> None:
+    """Make the run's shared-memory directory, if it has one; it goes when `stack` closes (the
+    run's end, Ctrl-C, a failure)."""
+    from libe_cnn import shm
+    from libe_cnn.owned_dirs import remove_orphans
+
+    if plan.shm_dir is None:
+        return
+    remove_orphans(shm.root(), shm.PREFIX)  # what runs killed outright left on this host
+    shm.create(Path(plan.shm_dir))
+    stack.callback(shm.remove, Path(plan.shm_dir))
+
+
+def parameter_count(cfg: TrainConfig) -> int:
+    from mnist.model import build_model
+
+    return sum(p.numel() for p in build_model(cfg.seed, cfg.dropout, cfg.dataset, cfg.model).parameters())
 
 
 def check_memory(plan, n_total: int, process: int) -> None:
     """Refuse, before any worker starts, a run this machine's memory cannot hold."""
     from libe_cnn.footprint import TEST_SAMPLES, check_fits, estimate
     from libe_cnn.runtime import available_memory
-    from mnist.model import build_model
 
     cfg = plan.config
-    parameters = sum(p.numel() for p in build_model(cfg.seed, cfg.dropout, cfg.dataset, cfg.model).parameters())
+    parameters = parameter_count(cfg)
     n_test = min(cfg.limit_test or TEST_SAMPLES[cfg.dataset], TEST_SAMPLES[cfg.dataset])
     check_fits(estimate(process, cfg.dataset, n_total, plan.n_train, n_test, cfg.n_workers, parameters),
                available_memory())
@@ -351,11 +402,14 @@ def train(cfg: TrainConfig) -> dict | None:
                             f"mpiexec -n {cfg.n_workers + 1}")
         cfg = dataclasses.replace(cfg, n_workers=comm.Get_size() - 1)
     is_manager = comm is None or comm.Get_rank() == 0
+    # Shared memory serves only processes on one host.
+    hosts = len(set(comm.allgather(socket.gethostname()))) if comm is not None else 1
     with ExitStack() as stack:
         plan, error = None, None
         if is_manager:
             try:
-                plan = prepare(cfg, stack)
+                plan = prepare(cfg, stack, hosts)
+                open_transport(plan, stack)
             except UserError as e:
                 error = e
         if comm is not None:

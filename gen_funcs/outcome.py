@@ -118,6 +118,7 @@ class Outcome:
             "store_bytes_per_step": store_bytes / steps_here,  # through all the run's servers
             "busiest_server_bytes_per_step": max(per_server) / steps_here,
             "redis_servers": len(per_server),
+            "transport": "shm" if self.plan.shm_dir else "redis",  # how the buffers travelled (--transport)
             # Each worker's home server (its own host's with --redis-per-host): where its gradients and
             # parameter chunks go under sync, ring-allreduce and pipelines; the other strategies use the first.
             "worker_servers": [f"{self.plan.servers[h].host}:{self.plan.servers[h].port}" for h in self.plan.homes],
@@ -148,6 +149,7 @@ class Outcome:
                 "run_id": self.cfg.run_id, "strategy": self.cfg.strategy, "completed": False, "error": reason,
                 "steps": reached.get("step", self.first_step), "samples": reached.get("samples"),
                 "checkpoint_step": self.checkpoint_on_disk(), "data_files": self.plan.files.paths,
+                "transport": "shm" if self.plan.shm_dir else "redis",
                 "wall_s": time.perf_counter() - self.recorder.start})
             self.plot()
 

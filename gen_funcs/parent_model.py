@@ -49,8 +49,8 @@ class GenRun:
         set_threads(1)
         lower_manager_loop_priority()
         self.parent = ParentModel(cfg, torch.device(select_device(cfg.gen_device, 0, gpu_count())))
-        self.store = TensorStore(plan.redis, cfg.run_id)
-        self.servers = ServerGroup(plan.servers, cfg.run_id, plan.homes)  # where the streamed exchange spreads its data
+        self.store = TensorStore(plan.redis, cfg.run_id, plan.shm_dir)
+        self.servers = ServerGroup(plan.servers, cfg.run_id, plan.homes, plan.shm_dir)  # where the streamed exchange spreads its data
         self.liveness = LivenessCheck(plan.redis, cfg.run_id, self.n)
         self.messages = Messenger(cfg, PersistentSupport(libE_info, EVAL_GEN_TAG), self.store, self.liveness,
                                   gen_specs["out"])

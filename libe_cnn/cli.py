@@ -20,6 +20,7 @@ from libe_cnn.config import (
     ON_NONFINITE,
     OPTIMIZERS,
     STRATEGIES,
+    TRANSPORTS,
     WIRE_DTYPES,
     TrainConfig,
     dataset_default,
@@ -136,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--comms mpi: start a private server on every host of the launch (the first host's at "
                         "--redis-bind), each worker's traffic on its own host's")
 
+    g.add_argument("--transport", choices=TRANSPORTS, default=d["transport"].default,
+                   help="how gradients, parameters and states travel: shm (shared memory, every process on one "
+                        "host), redis, or auto (shm where every process is on one host and /dev/shm has room, else "
+                        "redis); tokens and heartbeats always go through Redis (default: %(default)s)")
+
     g = p.add_argument_group("output")
     g.add_argument("--run-dir", default=None, help="where to write the run (default: runs/<timestamp>)")
     g.add_argument("--tensorboard", default=None, metavar="DIR",
@@ -199,7 +205,7 @@ def parse_redis_url(url: str) -> dict:
 RESUME_OPTIONS = ("--epochs", "--max-steps", "--eval-every", "--eval-subset", "--limit-test", "--tensorboard",
                   "--checkpoint-every", "--on-nonfinite", "--bucket-mb", "--reduce-topology", "--device", "--gen-device", "--comms", "--redis-host",
                   "--redis-port", "--redis-bind", "--redis-user", "--redis-password", "--redis-db", "--redis-servers",
-                  "--redis-per-host")
+                  "--redis-per-host", "--transport")
 
 
 # Fields added after the first release, with the value that gives a run saved before them the
@@ -208,7 +214,7 @@ ADDED_FIELDS = {"bucket_mb": None, "reduce_topology": None, "redis_servers": 1, 
                 "parallelism": "data", "stages": None, "microbatches": None, "schedule": None, "split": None,
                 "eval_subset": 2000, "tensorboard": None, "redis_user": None, "redis_db": 0, "redis_tls": False,
                 "redis_tls_options": {}, "outer_lr": None, "outer_momentum": None,
-                "redis_per_host": False}
+                "redis_per_host": False, "transport": "auto"}
 
 
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:

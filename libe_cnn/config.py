@@ -26,6 +26,8 @@ STRATEGIES = strategies.STRATEGIES
 ON_NONFINITE = ("stop", "skip")
 COMMS = ("local", "mpi")
 WIRE_DTYPES = ("float32", "bfloat16", "float16", "int8")
+# How the buffers travel: shared memory when every process is on one host (auto), or Redis.
+TRANSPORTS = ("auto", "shm", "redis")
 # cnn: the dataset's own network (mnist.model); the ResNets take the image datasets.
 MODEL_NAMES = ("cnn", "resnet18", "resnet18-narrow")
 PARALLELISMS = ("data", "pipeline")
@@ -108,6 +110,8 @@ class TrainConfig:
     redis_tls_options: dict[str, str] = field(default_factory=dict)
     redis_servers: int = 1  # private servers to start (one per node, as it were); workers' data is spread over them
     redis_per_host: bool = False  # --comms mpi: a private server on every host, each worker's data on its own host's
+    # Where the buffers go: shm (shared memory; every process on one host), redis, or auto (shm where it can)
+    transport: str = "auto"
     # --- output ---
     run_dir: str | None = None  # default runs/<timestamp>
     tensorboard: str | None = None  # also write the metrics as TensorBoard events into this directory
@@ -161,6 +165,8 @@ class TrainConfig:
              "--redis-per-host starts a private server on every host of an MPI launch: it needs --comms mpi and "
              "--redis-bind (the first host's), and no --redis-servers")
         need(self.redis_db >= 0, f"--redis-db must be 0 or more (got {self.redis_db})")
+        need(self.transport in TRANSPORTS,
+             f"--transport must be one of {', '.join(TRANSPORTS)} (got {self.transport!r})")
         need(self.redis_host is not None or (self.redis_user is None and self.redis_db == 0 and not self.redis_tls),
              "--redis-user, --redis-db and TLS apply to an existing server (--redis-host or REDIS_URL): "
              "a private server has one user, one database and no TLS")

@@ -77,6 +77,8 @@ class RunPlan:
     # Each worker's server, an index into `servers`: the server of its host (--redis-per-host),
     # or None: consecutive workers share one (store.consecutive_homes).
     server_homes: tuple[int, ...] | None = None
+    # The run's shared-memory directory when its buffers travel there (--transport), else None: Redis.
+    shm_dir: str | None = None
 
     @property
     def servers(self) -> tuple[RedisAddress, ...]:
@@ -166,4 +168,5 @@ def plan_from_user(user: dict) -> RunPlan:
         resume_positions=plan["resume_positions"] and tuple(plan["resume_positions"]),
         more_redis=tuple(RedisAddress(**a) for a in plan["more_redis"]),
         server_homes=plan["server_homes"] and tuple(plan["server_homes"]),
+        shm_dir=plan["shm_dir"],
     )

@@ -19,7 +19,7 @@ import uuid
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import numpy as np
@@ -30,6 +30,7 @@ from proxystore.serialize import SerializationError
 from proxystore.store import Store
 
 from libe_cnn import codec
+from libe_cnn.shm import RunKey, RunShmConnector
 
 T = TypeVar("T")
 
@@ -102,12 +103,6 @@ class RedisAddress:
         return options
 
 
-class RunKey(NamedTuple):
-    """A key in the store: the Redis key name, always prefixed by the run id."""
-
-    redis_key: str
-
-
 class RunRedisConnector:
     """ProxyStore connector for one run's keys on an authenticated Redis server."""
 
@@ -115,14 +110,14 @@ class RunRedisConnector:
         # `more`: the rest of a RedisAddress (username, db, tls...), so that cls(**config()) rebuilds it.
         self.address = RedisAddress(host, port, password, **more)
         self.namespace = namespace
-        self._client = self.address.client()
+        self.client = self.address.client()
 
     def __repr__(self) -> str:
         return f"RunRedisConnector(host={self.address.host!r}, port={self.address.port}, namespace={self.namespace!r})"
 
     def close(self) -> None:
         # Only the connection: keys are owned by the run, which deletes them at its end.
-        self._client.close()
+        self.client.close()
 
     def config(self) -> dict[str, Any]:
         # Store calls it (its repr when created, its config for proxies); ProxyStore rebuilds with cls(**config).
@@ -141,76 +136,76 @@ class RunRedisConnector:
     def put(self, obj: bytes, name: str | None = None) -> RunKey:
         """Store.put(..., name=...) passes `name` here: a key others can predict, else a fresh one."""
         key = RunKey(f"{self.namespace}:{uuid.uuid4().hex if name is None else name}")
-        self._client.set(key.redis_key, obj)
+        self.client.set(key.redis_key, obj)
         return key
+
+    def set_batch(self, keys: Sequence[RunKey], objs: Sequence[bytes]) -> None:
+        """Write each object under its key, in one round trip."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for key, obj in zip(keys, objs):
+                pipe.set(self._checked(key), obj)
+            pipe.execute()
 
     def put_batch(self, objs: Sequence[bytes]) -> list[RunKey]:
         # Part of ProxyStore's Connector protocol (Store.put_batch); the run never calls it.
         keys = [RunKey(f"{self.namespace}:{uuid.uuid4().hex}") for _ in objs]
-        with self._client.pipeline(transaction=False) as pipe:
-            for key, obj in zip(keys, objs):
-                pipe.set(key.redis_key, obj)
-            pipe.execute()
+        self.set_batch(keys, objs)
         return keys
 
     def get(self, key: RunKey) -> bytes | None:
-        return self._client.get(self._checked(key))
+        return self.client.get(self._checked(key))
 
     def get_batch(self, keys: Sequence[RunKey]) -> list[bytes | None]:
         # One round trip for all N workers' buffers instead of N.
-        return self._client.mget([self._checked(k) for k in keys]) if keys else []
+        return self.client.mget([self._checked(k) for k in keys]) if keys else []
 
     def exists(self, key: RunKey) -> bool:
         # Part of ProxyStore's Connector protocol (Store.exists); the run never calls it.
-        return bool(self._client.exists(self._checked(key)))
+        return bool(self.client.exists(self._checked(key)))
 
     def evict(self, key: RunKey) -> None:
-        self._client.delete(self._checked(key))
+        self.client.delete(self._checked(key))
 
     def evict_batch(self, keys: Sequence[RunKey]) -> None:
         if keys:
-            self._client.delete(*(self._checked(k) for k in keys))
+            self.client.delete(*(self._checked(k) for k in keys))
 
 
 class TensorStore:
     """Puts and gets flat numpy buffers by string key, for libEnsemble rows to carry.
 
-    One key at a time goes through ProxyStore's Store; several at once, to the connector's
-    MGET and DEL (see the module docstring for why). Queues of short tokens (Redis lists)
-    tell a process that a named buffer is there, without polling for it.
+    Buffers go through ProxyStore's Store on the run's Redis or, with `shm_dir` (every process
+    on one host), its shared-memory directory (libe_cnn/shm.py): one key through the Store,
+    several to the connector's batch calls (on Redis one MGET or DEL: see the module docstring).
+    Queues of short tokens on Redis tell a process that a named buffer is there, without polling.
     """
 
-    def __init__(self, address: RedisAddress, run_id: str) -> None:
-        connector = RunRedisConnector(**dataclasses.asdict(address), namespace=run_id)
+    def __init__(self, address: RedisAddress, run_id: str, shm_dir: str | None = None) -> None:
+        self._control = RunRedisConnector(**dataclasses.asdict(address), namespace=run_id)
+        self._connector = RunShmConnector(shm_dir, run_id) if shm_dir else self._control
         # No cache: every key is read once, and a cache would keep old buffers alive.
         self._store = Store(
             f"{run_id}-{uuid.uuid4().hex[:8]}",
-            connector,
+            self._connector,
             serializer=codec.encode,
             deserializer=codec.decode,
             cache_size=0,
         )
-        self._connector = connector
 
     def put(self, array: np.ndarray, name: str | None = None) -> str:
         """Store `array` under a fresh key, or under `key(name)` for a key others can predict."""
         return self._store.put(array, name=name).redis_key
 
     def put_many(self, named: Sequence[tuple[str, np.ndarray]]) -> list[str]:
-        """Store arrays under `key(name)` for each (name, array), in one round trip.
-
-        Store 1.1 has no batch put under names: the connector's pipeline does it, with the same codec.
-        """
+        """Store arrays under `key(name)` for each (name, array), on Redis in one round trip (Store 1.1
+        has no batch put under names: the connector does it, with the same codec)."""
         keys = [self.key(name) for name, _ in named]
-        with self._connector._client.pipeline(transaction=False) as pipe:
-            for key, (_, array) in zip(keys, named):
-                pipe.set(key, codec.encode(array))
-            pipe.execute()
+        self._connector.set_batch([RunKey(k) for k in keys], [codec.encode(array) for _, array in named])
         return keys
 
     def key(self, name: str) -> str:
         """The full key of a named entry of this run."""
-        return f"{self._connector.namespace}:{name}"
+        return f"{self._control.namespace}:{name}"
 
     def get(self, key: str) -> np.ndarray:
         try:
@@ -231,14 +226,22 @@ class TensorStore:
         return [codec.decode(b) for b in blobs]
 
     def hand_over(self, name: str, array: np.ndarray) -> None:
-        """Leave `array` for one reader waiting in `take(name)` (a Redis list of one: one round trip)."""
-        self._connector._client.rpush(self.key(name), codec.encode(array))
+        """Leave `array` for one reader waiting in `take(name)`: on Redis a list of one (one round
+        trip); in shared memory a buffer of its own, whose key the list carries."""
+        on_redis = self._connector is self._control
+        self._control.client.rpush(self.key(name), codec.encode(array) if on_redis else self.put(array))
 
     def take(self, name: str, timeout: float) -> np.ndarray | None:
         """The array handed over under `name`, waiting up to `timeout` seconds for it (None:
         not there yet); the entry is gone once taken."""
-        popped = self._connector._client.blpop([self.key(name)], timeout=timeout)
-        return None if popped is None else codec.decode(popped[1])
+        popped = self._control.client.blpop([self.key(name)], timeout=timeout)
+        if popped is None:
+            return None
+        if self._connector is self._control:
+            return codec.decode(popped[1])
+        array = self.get(popped[1].decode())
+        self.evict([popped[1].decode()])  # the mapping stays valid; only the name goes
+        return array
 
     def evict(self, keys: Sequence[str]) -> None:
         if len(keys) == 1:
@@ -248,7 +251,7 @@ class TensorStore:
 
     def notify(self, queues: Sequence[str], token: str) -> None:
         """Append `token` to each of the run's named queues (Redis lists), in one round trip."""
-        with self._connector._client.pipeline(transaction=False) as pipe:
+        with self._control.client.pipeline(transaction=False) as pipe:
             for queue in queues:
                 pipe.rpush(self.key(queue), token)
             pipe.execute()
@@ -256,7 +259,7 @@ class TensorStore:
     def next_tokens(self, queue: str, timeout: float, most: int = 256) -> list[str]:
         """The oldest tokens of a named queue: waiting up to `timeout` seconds for one, then
         whatever else is there at once, up to `most` (empty: none came)."""
-        client, key = self._connector._client, self.key(queue)
+        client, key = self._control.client, self.key(queue)
         popped = client.blpop([key], timeout=timeout)
         if popped is None:
             return []
@@ -265,6 +268,8 @@ class TensorStore:
 
     def close(self) -> None:
         self._store.close()
+        if self._connector is not self._control:
+            self._control.close()
 
 
 def consecutive_homes(n_workers: int, n_servers: int) -> tuple[int, ...]:
@@ -281,8 +286,10 @@ class ServerGroup:
     whoever reads a named entry knows whose it is, hence where it is.
     """
 
-    def __init__(self, addresses: Sequence[RedisAddress], run_id: str, homes: Sequence[int]) -> None:
-        self.stores = [TensorStore(a, run_id) for a in addresses]
+    def __init__(self, addresses: Sequence[RedisAddress], run_id: str, homes: Sequence[int],
+                 shm_dir: str | None = None) -> None:
+        # In shared memory every server's buffers share the run's one directory; each server keeps its queues.
+        self.stores = [TensorStore(a, run_id, shm_dir) for a in addresses]
         self.homes = tuple(homes)  # each shard's server: an index into `addresses`
 
     def home(self, shard: int) -> TensorStore:

@@ -49,7 +49,7 @@ class ChildWorker:
         self.model = new_model(cfg.dataset, cfg.model, cfg.dropout).to(self.device).train()
         self.flat_params = flatten_parameters(self.model)
         self.flat_grad = flatten_gradients(self.model)
-        self.store = TensorStore(plan.redis, cfg.run_id)
+        self.store = TensorStore(plan.redis, cfg.run_id, plan.shm_dir)
         # The batch this worker trains on first: 0, or where a resumed run left off.
         self.first_batch = plan.resume_positions[shard] if plan.resume_positions else 0
 
@@ -237,7 +237,7 @@ class ChildWorker:
 
     def server_group(self) -> ServerGroup:
         """Connections to every store server of the run (each thread of the exchange needs its own)."""
-        return ServerGroup(self.plan.servers, self.cfg.run_id, self.plan.homes)
+        return ServerGroup(self.plan.servers, self.cfg.run_id, self.plan.homes, self.plan.shm_dir)
 
     def restore_own_state(self, optimizer) -> None:
         """Resuming: this worker's parameters and optimizer state, as the checkpoint holds them."""

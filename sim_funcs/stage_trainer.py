@@ -109,7 +109,7 @@ class StageWorker:
 
     def pipeline_loop(self, ps, row: np.void, out_dtype) -> None:
         cfg = self.cfg
-        servers = ServerGroup(self.plan.servers, cfg.run_id, self.plan.homes)
+        servers = ServerGroup(self.plan.servers, cfg.run_id, self.plan.homes, self.plan.shm_dir)
         inbox = Inbox(ps, row)
         neighbours = Neighbours(servers, self.shard, cfg.stages, inbox.stopped)
         t = self.first_batch

@@ -130,3 +130,13 @@ def write_iris_csv(path: Path, rows: np.ndarray) -> Path:
     header = f"{len(rows)},4,setosa,versicolor,virginica"
     path.write_text("\n".join([header, *(",".join(f"{v:g}" for v in r[:4]) + f",{int(r[4])}" for r in rows)]) + "\n")
     return path
+
+
+def shm_leftovers(run_dir: Path) -> list[Path]:
+    """The shared-memory directory of the run in run_dir (libe_cnn/shm.py), if it is still there."""
+    import json
+
+    from libe_cnn import shm
+
+    run_id = json.loads((Path(run_dir) / "config.json").read_text())["run_id"]
+    return list(shm.root().glob(f"{shm.PREFIX}{run_id}"))

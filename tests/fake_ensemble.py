@@ -372,11 +372,14 @@ class FakeEnsemble:
     def run(self) -> list[Outcome]:
         """Run to the end; re-raises the first failure. Returns every function's outcome."""
         from libe_cnn import waits
+        from run_libe_cnn import open_transport
 
         deadline = time.monotonic() + self.timeout
         real_blocking, waits.blocking = waits.blocking, self._blocking
         try:
-            with thread_safe_process_state():
+            # As a real run: its shared memory (--transport) exists while it runs, and goes at its end.
+            with thread_safe_process_state(), contextlib.ExitStack() as transport:
+                open_transport(self.plan, transport)
                 self._start(0, self.gen_f, np.zeros(0, dtype=self.gen_out), self.gen_specs, np.arange(0))
                 try:
                     self._loop(deadline)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mnist.model import build_model
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, shm_leftovers
 from tests.integration.test_trainer import redis_servers
 
 DETECTION_LIMIT_S = 30
@@ -90,6 +90,7 @@ def test_a_killed_simulator_ends_the_run_naming_the_worker(tmp_path, fashion_fil
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["completed"] is False and "stopped responding" in summary["error"]
     assert redis_servers() <= servers_before
+    assert summary["transport"] == "shm" and shm_leftovers(run_dir) == []
     # Nothing is lost: the run continues from its last checkpoint.
     step = last_checkpoint_step(run_dir)
     result = run_cli("run_libe_cnn.py", "--resume", str(run_dir), "--max-steps", str(step + 2))
@@ -111,6 +112,7 @@ def test_a_killed_redis_server_ends_the_run(tmp_path, fashion_files):
     # What is kept is what the summary says: the last step the generator completed.
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["completed"] is False and "Redis" in summary["error"], summary
+    assert shm_leftovers(run_dir) == []
     checkpoint_step = torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"]
     assert checkpoint_step == summary["checkpoint_step"] == summary["steps"], summary
     # Its metrics record is written after the step's parameters are published: it may be the one lost.

@@ -15,7 +15,7 @@ import time
 import psutil
 import torch
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, shm_leftovers
 from tests.integration.test_trainer import redis_servers
 
 
@@ -58,7 +58,7 @@ def test_a_run_interrupted_with_ctrl_c_and_resumed_ends_bit_for_bit_where_an_uni
     # It stops cleanly: no process and no private Redis left behind, the model and summary kept.
     psutil.wait_procs(children, timeout=10)
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-    assert redis_servers() <= servers_before
+    assert redis_servers() <= servers_before and shm_leftovers(stopped) == []
     assert (stopped / "model.pt").exists()
     checkpoint = torch.load(stopped / "checkpoint.pt", weights_only=True)
     assert 6 <= checkpoint["step"] < 24  # the final checkpoint is at the step the run stopped, not at a multiple of 5

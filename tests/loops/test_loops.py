@@ -150,7 +150,7 @@ def test_async_drops_gradients_older_than_max_staleness(loop_data, redis_address
 
 def test_summary_reports_steady_throughput_breakdown_and_traffic(run):
     run_dir = run("-n", "2", "--limit-train", "768", "--batch-size", "16", "--max-steps", "12", "--eval-every", "5",
-                  "--limit-test", "120")
+                  "--limit-test", "120", "--transport", "redis")  # the traffic counted is Redis's
     summary, _, evals = read_run(run_dir)
     assert [e["step"] for e in evals] == [5, 10, 12]
     assert summary["test_samples"] == 120  # of loop_data's 200
@@ -172,7 +172,7 @@ def test_summary_reports_steady_throughput_breakdown_and_traffic(run):
 
 
 def test_16_bit_wires_train_and_halve_the_traffic(run):
-    options = ["-n", "2", "--limit-train", "768", "--batch-size", "16", "--max-steps", "8"]
+    options = ["-n", "2", "--limit-train", "768", "--batch-size", "16", "--max-steps", "8", "--transport", "redis"]
     runs = {dtype: read_run(run(*options, "--wire-dtype", dtype, name=dtype))[0]
             for dtype in ("float32", "bfloat16", "float16")}
     for wire in ("bfloat16", "float16"):
@@ -187,7 +187,7 @@ def test_diloco_sends_int8_pseudo_gradients_with_error_feedback(run):
     """Rounds of 2 steps: of 8 rounds, the first parameters and the results of the last (a
     checkpoint, with the workers' states in float32 beside them) go whole."""
     options = ["-n", "2", "--limit-train", "768", "--batch-size", "16", "--max-steps", "16", "--strategy", "diloco",
-               "--sync-period", "2"]
+               "--sync-period", "2", "--transport", "redis"]
     runs = {dtype: read_run(run(*options, "--wire-dtype", dtype, name=dtype))[0] for dtype in ("float32", "int8")}
     assert runs["int8"]["completed"] and runs["int8"]["exchanges"] == 7
     assert runs["int8"]["test_accuracy"] > runs["float32"]["test_accuracy"] - 0.05, runs
@@ -198,7 +198,7 @@ def test_diloco_sends_int8_pseudo_gradients_with_error_feedback(run):
 def test_int8_wire_trains_on_a_quarter_of_the_bytes(run):
     """Steps 1-15 of 16 travel in int8 both ways (the first parameters and the gradients of the
     last step, a checkpoint, whole): about 0.3 of float32's bytes over the run."""
-    options = ["-n", "2", "--limit-train", "768", "--batch-size", "16", "--max-steps", "16"]
+    options = ["-n", "2", "--limit-train", "768", "--batch-size", "16", "--max-steps", "16", "--transport", "redis"]
     runs = {dtype: read_run(run(*options, "--wire-dtype", dtype, name=dtype))[0] for dtype in ("float32", "int8")}
     int8 = runs["int8"]
     assert int8["wire_dtype"] == "int8" and int8["completed"] and int8["reduce_topology"] == "star"
@@ -495,7 +495,7 @@ def test_the_fake_manager_routes_like_only_persistent_gens():
                 return None, persis_info, FINISHED_PERSISTENT_SIM_TAG
             row = calc_in[0]
 
-    ensemble = FakeEnsemble(SimpleNamespace(config=SimpleNamespace(n_workers=2)), timeout=20)
+    ensemble = FakeEnsemble(SimpleNamespace(config=SimpleNamespace(n_workers=2), shm_dir=None), timeout=20)
     ensemble.gen_f, ensemble.sim_f = gen, sim
     ensemble.run()
     # The first N rows start workers 1..N, each with its row as H.

@@ -116,6 +116,6 @@ def test_a_gradient_that_is_not_finite_stops_the_pipeline_naming_the_stage(run, 
 def test_a_16_bit_wire_carries_parameters_and_gradients_in_half_the_bytes(run):
     """Activations stay float32: only the parameters' and gradients' share of the traffic halves."""
     runs = {wire: summary(run("-n", "2", "--parallelism", "pipeline", "--max-steps", "3", "--wire-dtype", wire,
-                              name=wire)) for wire in ("float32", "bfloat16")}
+                              "--transport", "redis", name=wire)) for wire in ("float32", "bfloat16")}
     assert all(s["completed"] and np.isfinite(s["train_loss"]) for s in runs.values())
     assert runs["bfloat16"]["store_bytes_per_step"] < 0.6 * runs["float32"]["store_bytes_per_step"]

@@ -44,7 +44,8 @@ def same_model(a, b) -> bool:
 def test_ring_over_two_servers_trains_the_same_bits_as_star_and_spreads_the_traffic(
         loop_data, redis_address, second_redis, tmp_path):
     star = run_in_process(argv(loop_data), redis_address, tmp_path, "star")  # the default on one machine
-    plan = prepare_in_process(argv(loop_data, "--reduce-topology", "ring"), redis_address, tmp_path / "ring")
+    plan = prepare_in_process(argv(loop_data, "--reduce-topology", "ring", "--transport", "redis"), redis_address,
+                              tmp_path / "ring")  # the traffic spread is Redis's
     plan = dataclasses.replace(plan, more_redis=(second_redis,))
     ring = run_plan(plan, redis_address)
     s = summary(ring.run_dir)
