@@ -57,7 +57,7 @@ def per_worker_batch(mode: str, n: int, global_batch: int, per_worker: int) -> i
 def measure(contender: str, w: Workload, steps: int, warmup: int) -> float:
     """Steady samples/s of one contender on one workload."""
     if contender == "ours":
-        return ours(w, steps, warmup, "float32")["samples_per_s"]
+        return ours(w, steps, warmup, "float32", "auto")["samples_per_s"]
     return ddp(w, threads=threads_per_worker(available_cores(), w.n_workers), steps=steps,
                warmup=warmup)["samples_per_s"]
 
