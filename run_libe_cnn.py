@@ -226,10 +226,10 @@ def prepare(cfg: TrainConfig, stack: ExitStack, hosts: int = 1):
     """On the manager only: find the data, connect Redis, plan the run, create its directory
     (`hosts`: how many hosts the run's processes are on)."""
     from libe_cnn.plan import make_plan
-    from libe_cnn.runtime import unique_memory
+    from libe_cnn.runtime import process_memory
     from mnist.data import check_dataset, locate
 
-    process = unique_memory()  # what every process of the run holds before it reads any data
+    process = process_memory()  # what every process of the run holds before it reads any data
     check_devices(cfg)
     if cfg.parallelism == "pipeline":
         cfg.split = pipeline_split(cfg)
@@ -313,15 +313,17 @@ def parameter_count(cfg: TrainConfig) -> int:
     return sum(p.numel() for p in build_model(cfg.seed, cfg.dropout, cfg.dataset, cfg.model).parameters())
 
 
-def check_memory(plan, n_total: int, process: int) -> None:
-    """Refuse, before any worker starts, a run this machine's memory cannot hold."""
+def check_memory(plan, n_total: int, process: tuple[int, int]) -> None:
+    """Refuse, before any worker starts, a run this machine's memory cannot hold (`process`: process_memory()
+    before the data was read)."""
     from libe_cnn.footprint import TEST_SAMPLES, check_fits, estimate
     from libe_cnn.runtime import available_memory
 
     cfg = plan.config
     parameters = parameter_count(cfg)
     n_test = min(cfg.limit_test or TEST_SAMPLES[cfg.dataset], TEST_SAMPLES[cfg.dataset])
-    check_fits(estimate(process, cfg.dataset, n_total, plan.n_train, n_test, cfg.n_workers, parameters),
+    private, shared = process
+    check_fits(estimate(private, cfg.dataset, n_total, plan.n_train, n_test, cfg.n_workers, parameters, shared),
                available_memory())
 
 

@@ -2,8 +2,9 @@
 
 A run that does not fit is otherwise killed by the kernel part way through start-up, with no
 word and with its workers left holding the memory. The estimate is deliberately simple: every
-process starts as large as the manager is before it reads any data (torch and libEnsemble
-imported), then adds its data and its copies of the parameters.
+process starts with as much private memory as the manager has before it reads any data (torch
+imported), then adds its data and its copies of the parameters; the libraries' pages, which
+all processes share, count once.
 """
 
 from __future__ import annotations
@@ -42,17 +43,18 @@ class Footprint:
 
 
 def estimate(process: int, dataset: str, n_total: int, n_train: int, n_test: int, n_workers: int,
-             parameters: int) -> Footprint:
-    """The footprint of a run whose processes each start at `process` bytes.
+             parameters: int, shared: int = 0) -> Footprint:
+    """The footprint of a run whose processes each start at `process` private bytes.
 
     n_total: the training samples in the files (a worker reads them all before it keeps its shard).
+    shared: the pages of files every process maps (torch's libraries), counted once.
     """
     values = SAMPLE_VALUES[dataset]
     param_bytes = 4 * parameters
     worker = process + n_total * values + 4 * values * (n_train // n_workers) + WORKER_COPIES * param_bytes
     manager = process + 4 * values * n_test + MANAGER_COPIES * param_bytes
     store = STORE_COPIES_PER_WORKER * n_workers * param_bytes
-    return Footprint(per_worker=worker, fixed=manager + store, n_workers=n_workers)
+    return Footprint(per_worker=worker, fixed=manager + store + shared, n_workers=n_workers)
 
 
 def check_fits(footprint: Footprint, available: int) -> None:

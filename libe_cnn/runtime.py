@@ -140,6 +140,11 @@ def _cgroup_headroom() -> int | None:
     return None
 
 
-def unique_memory() -> int:
-    """Bytes of memory this process alone holds (USS): what another process like it would add."""
-    return psutil.Process().memory_full_info().uss
+def process_memory() -> tuple[int, int]:
+    """(private, shared) resident bytes of this process: what another process like it would add
+    (its anonymous memory), and the pages of files it maps, which such a process would share.
+
+    Not USS: a file page counts as unique while no other process maps it, so USS would change
+    with whatever else runs on the machine."""
+    info = psutil.Process().memory_info()
+    return info.rss - info.shared, info.shared
