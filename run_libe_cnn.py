@@ -236,14 +236,15 @@ def prepare(cfg: TrainConfig, stack: ExitStack, hosts: int = 1):
     files = locate(cfg.dataset, cfg.data_dir)  # before any worker exists: one download at most
     n_total = check_dataset(files)
     plan = make_plan(cfg, files, n_total)
+    parameters = parameter_count(cfg)
     if cfg.comms == "local":  # under MPI the workers' memory is on their own nodes
-        check_memory(plan, n_total, process)
+        check_memory(plan, n_total, process, parameters)
     start = ""
     if cfg.resume:
         step, positions = resume_point(plan)
         plan = dataclasses.replace(plan, resume_positions=positions)
         start = f"resuming after step {step}, "
-    shm_dir = choose_transport(cfg, hosts)
+    shm_dir = choose_transport(cfg, hosts, parameters)
     primary, more = connect_redis(cfg, stack)
     plan = dataclasses.replace(plan, redis=primary, more_redis=more, shm_dir=shm_dir)
     run_dir = Path(cfg.run_dir)
@@ -271,17 +272,18 @@ def prepare(cfg: TrainConfig, stack: ExitStack, hosts: int = 1):
 SHM_COPIES = 4
 
 
-def choose_transport(cfg: TrainConfig, hosts: int) -> str | None:
+def choose_transport(cfg: TrainConfig, hosts: int, parameters: int) -> str | None:
     """The shared-memory directory the run's buffers will go to, or None: Redis.
 
-    `hosts`: how many hosts the run's processes are on. auto falls back to Redis in one line
-    when shared memory cannot serve (several hosts, too little room on the tmpfs); shm refuses.
+    `hosts`: how many hosts the run's processes are on; `parameters`: the model's. auto falls
+    back to Redis in one line when shared memory cannot serve (several hosts, too little room on
+    the tmpfs); shm refuses.
     """
     from libe_cnn import shm
 
     if cfg.transport == "redis":
         return None
-    need = SHM_COPIES * (cfg.n_workers + 1) * 4 * parameter_count(cfg)
+    need = SHM_COPIES * (cfg.n_workers + 1) * 4 * parameters
     free = shm.free_bytes()
     problem = (f"the run's processes are on {hosts} hosts" if hosts > 1 else
                f"{shm.root()} has {free / 2**20:.0f} MB free and the run needs about {need / 2**20:.0f} MB there"
@@ -313,14 +315,13 @@ def parameter_count(cfg: TrainConfig) -> int:
     return sum(p.numel() for p in build_model(cfg.seed, cfg.dropout, cfg.dataset, cfg.model).parameters())
 
 
-def check_memory(plan, n_total: int, process: tuple[int, int]) -> None:
+def check_memory(plan, n_total: int, process: tuple[int, int], parameters: int) -> None:
     """Refuse, before any worker starts, a run this machine's memory cannot hold (`process`: process_memory()
     before the data was read)."""
     from libe_cnn.footprint import TEST_SAMPLES, check_fits, estimate
     from libe_cnn.runtime import available_memory
 
     cfg = plan.config
-    parameters = parameter_count(cfg)
     n_test = min(cfg.limit_test or TEST_SAMPLES[cfg.dataset], TEST_SAMPLES[cfg.dataset])
     private, shared = process
     check_fits(estimate(private, cfg.dataset, n_total, plan.n_train, n_test, cfg.n_workers, parameters, shared),

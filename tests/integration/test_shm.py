@@ -134,10 +134,10 @@ def test_processes_on_several_hosts_use_redis(tmp_path, shm_root, capsys):
         return TrainConfig(dataset="iris", transport=transport, run_dir=str(tmp_path / "run"))
 
     one = cfg("auto")
-    assert choose_transport(one, hosts=1) == str(shm_root / f"{shm.PREFIX}{one.run_id}")
-    assert choose_transport(cfg("redis"), hosts=1) is None
+    assert choose_transport(one, hosts=1, parameters=1_200_000) == str(shm_root / f"{shm.PREFIX}{one.run_id}")
+    assert choose_transport(cfg("redis"), hosts=1, parameters=1_200_000) is None
     capsys.readouterr()
-    assert choose_transport(cfg("auto"), hosts=2) is None
+    assert choose_transport(cfg("auto"), hosts=2, parameters=1_200_000) is None
     assert capsys.readouterr().err == "transport: redis, since the run's processes are on 2 hosts\n"
     with pytest.raises(UserError, match="--transport shm: the run's processes are on 2 hosts; use --transport redis"):
-        choose_transport(cfg("shm"), hosts=2)
+        choose_transport(cfg("shm"), hosts=2, parameters=1_200_000)
