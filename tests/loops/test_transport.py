@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import shm_leftovers
 
-SMALL = ["-n", "2", "--limit-train", "512", "--batch-size", "16", "--max-steps", "6", "--eval-every", "3"]
+SMALL = ["-n", "2", "--limit-train", "512", "--batch-size", "16", "--max-steps", "4", "--eval-every", "2"]
 
 
 def same_model(a, b) -> bool:
