@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import struct
 import subprocess
@@ -140,3 +141,14 @@ def shm_leftovers(run_dir: Path) -> list[Path]:
 
     run_id = json.loads((Path(run_dir) / "config.json").read_text())["run_id"]
     return list(shm.root().glob(f"{shm.PREFIX}{run_id}"))
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size: str):
+    """A tmpfs of `size` (mount's -o size=, e.g. 16m) mounted at `where` for the block; root only."""
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)

@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, small_tmpfs
 
 
 def _why_skip() -> str | None:
@@ -32,11 +32,8 @@ pytestmark = pytest.mark.skipif(bool(_why_skip()), reason=_why_skip() or "")
 
 @pytest.fixture
 def small_disk(tmp_path):
-    where = tmp_path / "disk"
-    where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(where)], check=True)
-    yield where
-    subprocess.run(["umount", "-l", str(where)], check=True)
+    with small_tmpfs(tmp_path / "disk", "64m") as where:
+        yield where
 
 
 def fill(directory) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import pickle
 import stat
-import subprocess
 import sys
 
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 from libe_cnn import codec, shm
 from libe_cnn.owned_dirs import OWNER, mark_owned, remove_orphans
 from libe_cnn.store import RunKey, TensorStore, run_keys
-from tests.conftest import ROOT, run_cli
+from tests.conftest import run_cli, small_tmpfs
 
 
 @pytest.fixture
@@ -97,17 +96,10 @@ def test_only_the_directories_of_dead_runs_of_this_user_are_removed(shm_root):
         assert remove_orphans(shm_root, shm.PREFIX) == [] and elsewhere.exists()
 
 
-def small_tmpfs(tmp_path, size: str):
-    where = tmp_path / "tiny-shm"
-    where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
-    return where
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_too_little_shared_memory_falls_back_to_redis_or_refuses_shm(tmp_path, fashion_files):
-    where = small_tmpfs(tmp_path, "16m")  # as many containers give /dev/shm (64 MB), smaller still
-    try:
+    # As many containers give /dev/shm (64 MB), smaller still.
+    with small_tmpfs(tmp_path / "tiny-shm", "16m") as where:
         env = {**os.environ, "LIBE_CNN_SHM": str(where)}
         options = ["-n", "2", "--dataset", "fashion-mnist", "--limit-train", "1024", "--max-steps", "2",
                    "--eval-every", "0", "--limit-test", "100"]
@@ -121,8 +113,6 @@ def test_too_little_shared_memory_falls_back_to_redis_or_refuses_shm(tmp_path, f
         assert fallen.returncode == 0, fallen.stderr[-2000:]
         assert f"transport: redis, since {where} has 16 MB free" in fallen.stderr
         assert list(where.iterdir()) == []
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=True)
 
 
 def test_processes_on_several_hosts_use_redis(tmp_path, shm_root, capsys):
